@@ -1,0 +1,716 @@
+"""
+Dense evaluation of a frozen backbone's final-norm patch tokens: in-context (Hummingbird) retrieval, linear and
+K-means segmentation, on our checkpoints, the official DINOv2 weights and the released NeCo weights alike.
+
+    python evaluate.py --ckpt runs/neco/last.pt --task voc_incontext                 # train.py checkpoint (student)
+    python evaluate.py --ckpt runs/neco/last.pt --task voc_incontext --teacher       # ... its EMA teacher
+    python evaluate.py --ckpt neco_vits14_reg.pth --task ade_linear                  # a bare state_dict file
+    python evaluate.py --ckpt hub:dinov2_vits14_reg --task voc_cluster               # official DINOv2 weights
+    python evaluate.py --ckpt runs/demo/last.pt --task voc_incontext --demo          # offline demo, CPU
+    python evaluate.py ... --set eval.incontext.memory_size=102400 eval.incontext.fraction=0.125
+
+The last stdout line is one JSON object (task, miou in percent, per_class_iou, settings, elapsed_s, ...), also
+appended to --out. Settings live in config.yaml, section eval.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import tv_tensors
+from torchvision.io import write_png
+from torchvision.transforms import v2
+from torchvision.utils import draw_segmentation_masks, make_grid
+from tqdm import tqdm
+
+import data
+import model
+from train import ConfigError, dotted_items, flatten_sets, load_config, parse_set, set_key
+
+# task -> (protocol family, dataset name of data.make_segmentation_dataset)
+TASKS = {"voc_incontext": ("incontext", "voc"), "ade_incontext": ("incontext", "ade20k"),
+         "voc_linear": ("linear", "voc"), "ade_linear": ("linear", "ade20k"),
+         "coco_things_linear": ("linear", "coco_things"), "coco_stuff_linear": ("linear", "coco_stuff"),
+         "voc_cluster": ("cluster", "voc"), "coco_things_cluster": ("cluster", "coco_things")}
+ROOT_KEYS = {"voc": "voc", "ade20k": "ade20k", "coco_things": "coco", "coco_stuff": "coco"}  # eval.roots.<key>
+
+
+class UserError(Exception):
+    """A mistake the user can fix (path, checkpoint, setting): one line on stderr, exit status 2."""
+
+
+# -----------------------------------------------------------------------------
+# mIoU: one confusion matrix over the whole val set
+
+
+def confusion_matrix(pred, gt, num_classes, ignore_index):
+    """(C, C) int64 pixel counts, rows = ground truth, columns = prediction; pixels whose GT is ignore_index drop."""
+    pred, gt = pred.reshape(-1).long(), gt.reshape(-1).long()
+    keep = gt != ignore_index
+    pred, gt = pred[keep], gt[keep]
+    if gt.numel() and (gt.min() < 0 or gt.max() >= num_classes):
+        raise ValueError(f"ground-truth label {int(gt.max())} outside 0..{num_classes - 1} (and not the ignore index)")
+    return torch.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(conf, ignore_index):
+    """Per-class IoU = TP / (TP + FP + FN) (nan where the union is empty) and their mean, both in [0, 1].
+    When the ignore index is itself a class id (ADE20k's 0 'unlabeled'), that class is not scored."""
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+    if 0 <= ignore_index < len(iou):
+        iou[ignore_index] = math.nan
+    return iou, iou.nanmean().item()
+
+
+def hungarian(cost):
+    """Exact minimum-cost assignment of every row of an (n, m) cost matrix, n <= m, to a distinct column.
+    Shortest augmenting paths with row/column potentials, O(n^2 m): plenty for n <= a few hundred, and scipy is not
+    a dependency. Returns the column of each row, (n,) int64."""
+    c = cost.double().tolist()
+    n, m = len(c), len(c[0]) if len(c) else 0
+    if n > m:
+        raise ValueError(f"hungarian needs rows <= columns, got a {n}x{m} cost matrix")
+    inf = float("inf")
+    u, v = [0.0] * (n + 1), [0.0] * (m + 1)  # potentials; index 0 is a virtual row / column
+    owner = [0] * (m + 1)  # owner[j]: the row (1-based) holding column j, 0 when free
+    for row in range(1, n + 1):
+        owner[0], j0 = row, 0
+        slack, came_from, done = [inf] * (m + 1), [0] * (m + 1), [False] * (m + 1)
+        while owner[j0]:  # grow a tree of tight edges until it reaches a free column
+            done[j0] = True
+            i0, delta, j1 = owner[j0], inf, 0
+            for j in range(1, m + 1):
+                if not done[j]:
+                    reduced = c[i0 - 1][j - 1] - u[i0] - v[j]
+                    if reduced < slack[j]:
+                        slack[j], came_from[j] = reduced, j0
+                    if slack[j] < delta:
+                        delta, j1 = slack[j], j
+            for j in range(m + 1):  # shift potentials so that the cheapest new edge becomes tight
+                if done[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    slack[j] -= delta
+            j0 = j1
+        while j0:  # flip the augmenting path back to the root
+            j1 = came_from[j0]
+            owner[j0] = owner[j1]
+            j0 = j1
+    cols = [0] * n
+    for j in range(1, m + 1):
+        if owner[j]:
+            cols[owner[j] - 1] = j - 1
+    return torch.tensor(cols, dtype=torch.long)
+
+
+def hungarian_mapping(conf):
+    """conf (K, C) cluster-by-class pixel counts, K <= C -> the class of each cluster that maximises total IoU."""
+    conf = conf.double()
+    union = conf.sum(1, keepdim=True) + conf.sum(0, keepdim=True) - conf
+    return hungarian(-conf / union.clamp_min(1))
+
+
+def many_to_one_mapping(conf):
+    """conf (K, C) -> each cluster to the class with the highest precision |cluster & class| / |cluster|."""
+    return conf.argmax(1)  # the denominator is the same for all classes of one cluster
+
+
+def remap_confusion(conf, mapping):
+    """conf (K, C) cluster-by-class counts and mapping (K,) cluster -> class: (C, C) class confusion (rows GT)."""
+    C = conf.shape[1]
+    return torch.zeros(C, C, dtype=conf.dtype).index_add_(1, mapping, conf.T)
+
+
+# -----------------------------------------------------------------------------
+# images and features
+
+
+class Transformed(torch.utils.data.Dataset):
+    """(image uint8 (3, H, W), mask int64 (H, W)) items through a joint torchvision v2 transform."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, mask = self.dataset[i]
+        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+def resize_transform(size):
+    # aspect not kept; v2 resizes the image bilinearly with antialias and the Mask with nearest
+    return v2.Resize((size, size), antialias=True)
+
+
+def memory_augmentation(size):
+    """Hummingbird's memory augmentation: light colour jitter on the image, then a shared RandomResizedCrop whose
+    scale range goes beyond 1 (draws that do not fit fall back to torchvision's centre crop, as in the reference)."""
+    jitters = [v2.RandomApply([v2.ColorJitter(**{name: 0.1})], p=0.5)
+               for name in ("brightness", "contrast", "saturation", "hue")]
+    return v2.Compose([*jitters, v2.RandomResizedCrop((size, size), scale=(0.5, 2.0), antialias=True)])
+
+
+def linear_train_augmentation(size):
+    return v2.Compose([v2.RandomResizedCrop((size, size), scale=(0.8, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip()])
+
+
+def make_loader(dataset, transform, batch_size, num_workers, shuffle=False):
+    return torch.utils.data.DataLoader(Transformed(dataset, transform), batch_size=batch_size, shuffle=shuffle,
+                                       num_workers=num_workers, persistent_workers=False)
+
+
+@torch.no_grad()
+def patch_features(backbone, images, precision="fp32"):
+    """uint8 images (B, 3, H, W) -> final-norm patch tokens (B, h, w, D), float32, not yet L2-normalised."""
+    x = images.float() / 255
+    mean = torch.tensor(data.IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    bf16 = precision == "bf16" and x.is_cuda
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        tokens = backbone.forward_features(x)["x_norm_patchtokens"]  # (B, N, D)
+    p = backbone.patch_size
+    return tokens.float().reshape(len(x), x.shape[2] // p, x.shape[3] // p, -1)  # (B, h, w, D)
+
+
+# -----------------------------------------------------------------------------
+# in-context segmentation: a memory of labelled patches, exact k-NN search, soft label transfer
+
+
+def topk_inner_product(queries, keys, k, query_chunk=4096, key_chunk=131072):
+    """Exact k nearest keys by inner product. queries (Q, D), keys (M, D) -> scores (Q, k) float32, indices (Q, k)
+    int64, best first; k is clamped to M. Blocks of queries x blocks of keys bound the score matrix to
+    query_chunk x key_chunk; a running top-k merges the blocks. Products run in the keys' dtype (fp16/bf16 on GPU:
+    fp32 accumulation in the tensor cores); the final scores are recomputed in fp32 from the selected keys so that
+    the softmax that follows sees no half-precision rounding of the products."""
+    k = min(k, len(keys))
+    all_scores, all_indices = [], []
+    for q in queries.split(query_chunk):
+        qk = q.to(keys.dtype)
+        best_s = qk.new_empty(len(q), 0)
+        best_i = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
+        for start in range(0, len(keys), key_chunk):
+            s = qk @ keys[start:start + key_chunk].T  # (q, m)
+            s, i = s.topk(min(k, s.shape[1]), dim=1)
+            best_s, best_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1)
+            best_s, j = best_s.topk(min(k, best_s.shape[1]), dim=1)  # merge; also keeps the result sorted
+            best_i = best_i.gather(1, j)
+        if keys.dtype != torch.float32:
+            best_s = torch.einsum("qd,qkd->qk", q.float(), keys[best_i].float())  # (q, k)
+            best_s, j = best_s.sort(dim=1, descending=True)
+            best_i = best_i.gather(1, j)
+        all_scores.append(best_s.float())
+        all_indices.append(best_i)
+    return torch.cat(all_scores), torch.cat(all_indices)
+
+
+def transfer_labels(scores, neighbour_labels, temperature):
+    """Soft k-NN vote: weights = softmax over the k neighbours of score / temperature, prediction = sum of the
+    weighted neighbour label distributions. scores (Q, k), neighbour_labels (Q, k, C) -> (Q, C)."""
+    weights = torch.softmax(scores.float() / temperature, dim=1)
+    return torch.einsum("qk,qkc->qc", weights, neighbour_labels.float())
+
+
+def patch_label_histograms(masks, num_classes, patch_size, ignore_index):
+    """masks (B, H, W) -> (B, N, C) int64: how many of each patch's patch_size^2 pixels hold each class (patches
+    row-major, N = H/p * W/p). Ignore pixels count as class 0, a quirk of the reference Hummingbird code that we
+    keep so that numbers compare (on VOC that makes void borders 'background' in the memory)."""
+    B, H, W = masks.shape
+    h, w = H // patch_size, W // patch_size
+    masks = masks.long().masked_fill(masks == ignore_index, 0)
+    ys = torch.arange(H, device=masks.device) // patch_size
+    xs = torch.arange(W, device=masks.device) // patch_size
+    patch = (ys[:, None] * w + xs[None, :]).expand(B, H, W)  # (B, H, W) patch index of every pixel
+    image = torch.arange(B, device=masks.device).view(B, 1, 1)
+    flat = ((image * (h * w) + patch) * num_classes + masks).reshape(-1)
+    return torch.bincount(flat, minlength=B * h * w * num_classes).reshape(B, h * w, num_classes)
+
+
+def rare_class_sample(counts, n_keep, generator=None):
+    """counts (B, N, C) patch label histograms -> (B, n_keep) indices of the patches to keep per image, preferring
+    patches that hold rare classes: score = sum over the patch's classes of how many patches of the image hold that
+    class, times U(0, 1) noise; the lowest scores win. n_keep is clamped to N."""
+    present = (counts > 0).to(torch.float32)  # (B, N, C)
+    patches_per_class = present.sum(1, keepdim=True)  # (B, 1, C)
+    noise = torch.rand(present.shape[:2], generator=generator).to(counts.device)  # (B, N), CPU draw: same everywhere
+    score = (present * patches_per_class).sum(2) * noise  # (B, N)
+    return score.topk(min(n_keep, counts.shape[1]), dim=1, largest=False).indices
+
+
+@torch.no_grad()
+def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memory_size=None, aug_epochs=0,
+                 batch_size=8, seed=0, device="cpu", num_workers=0, precision="fp32", key_dtype=None):
+    """The labelled patch memory of the train images: keys (M, D) L2-normalised features (key_dtype, default fp16 on
+    GPU, fp32 on CPU) and labels (M, C) pixel counts out of patch_size^2 (uint8). aug_epochs passes over the images
+    with augmentation (0: one plain pass). memory_size None keeps every patch; a budget is spread evenly over images
+    x passes and filled by the rare-class sampler."""
+    device = torch.device(device)
+    key_dtype = key_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    p = backbone.patch_size
+    passes = max(aug_epochs, 1)
+    n_patches = (image_size // p) ** 2
+    per_image = n_patches if memory_size is None else max(1, min(n_patches, memory_size // (len(dataset) * passes)))
+    total = per_image * len(dataset) * passes
+    keys = torch.empty(total, backbone.embed_dim, dtype=key_dtype, device=device)  # filled in place: no cat peak
+    label_dtype = torch.uint8 if p * p < 256 else torch.int32  # pixel counts: 14 * 14 = 196 fits in a byte
+    labels = torch.empty(total, num_classes, dtype=label_dtype, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    transform = memory_augmentation(image_size) if aug_epochs > 0 else resize_transform(image_size)
+    filled = 0
+    for epoch in range(passes):
+        loader = make_loader(dataset, transform, batch_size, num_workers)
+        for images, masks in tqdm(loader, desc=f"memory pass {epoch + 1}/{passes}", leave=False):
+            feats = F.normalize(patch_features(backbone, images.to(device), precision).flatten(1, 2), dim=-1)
+            counts = patch_label_histograms(masks.to(device), num_classes, p, ignore_index)  # (B, N, C)
+            if per_image < n_patches:
+                keep = rare_class_sample(counts, per_image, generator)  # (B, n)
+                feats = feats.gather(1, keep[..., None].expand(-1, -1, feats.shape[-1]))
+                counts = counts.gather(1, keep[..., None].expand(-1, -1, num_classes))
+            n = feats.shape[0] * feats.shape[1]
+            keys[filled:filled + n] = feats.reshape(n, -1).to(key_dtype)
+            labels[filled:filled + n] = counts.reshape(n, -1).to(label_dtype)
+            filled += n
+    return keys, labels
+
+
+@torch.no_grad()
+def incontext_segment(backbone, images, keys, labels, k, temperature, precision="fp32"):
+    """uint8 images (B, 3, S, S) -> class map (B, S, S): k-NN label transfer from the memory, bilinear upsampling."""
+    feats = F.normalize(patch_features(backbone, images, precision), dim=-1)  # (B, h, w, D)
+    B, h, w, D = feats.shape
+    scores, idx = topk_inner_product(feats.reshape(-1, D), keys, k)  # (B*h*w, k)
+    p = backbone.patch_size
+    probs = transfer_labels(scores, labels[idx], temperature) / (p * p)  # (B*h*w, C) class fractions
+    probs = probs.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, C, h, w)
+    return F.interpolate(probs, size=images.shape[2:], mode="bilinear", align_corners=False).argmax(1)
+
+
+def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, precision, n_vis=0):
+    """Hummingbird protocol: confusion matrix over the val set, plus up to n_vis (image, gt, pred) samples."""
+    torch.manual_seed(s["seed"])  # the memory augmentation draws from the global generator
+    C, ignore = val_set.num_classes, val_set.ignore_index
+    keys, labels = build_memory(backbone, train_set, C, ignore, s["image_size"], s["memory_size"], s["aug_epochs"],
+                                s["batch_size"], s["seed"], device, num_workers, precision)
+    print(f"memory: {len(keys):,} patches x {keys.shape[1]} ({keys.dtype}) from {len(train_set)} images",
+          file=sys.stderr)
+    conf, vis = torch.zeros(C, C, dtype=torch.long), []
+    loader = make_loader(val_set, resize_transform(s["image_size"]), s["batch_size"], num_workers)
+    for images, masks in tqdm(loader, desc="query", leave=False):
+        pred = incontext_segment(backbone, images.to(device), keys, labels, s["k"], s["temperature"], precision)
+        conf += confusion_matrix(pred.cpu(), masks, C, ignore)
+        vis += list(zip(images, masks, pred.cpu()))[:n_vis - len(vis)]
+    if s["hungarian"]:  # the reference matches predicted to true classes; with identity-like results it changes little
+        conf = remap_confusion(conf.T, hungarian_mapping(conf.T))
+    return *iou_from_confusion(conf, ignore), vis, {"memory_patches": len(keys)}
+
+
+# -----------------------------------------------------------------------------
+# linear segmentation (the Leopart protocol)
+
+
+class LinearHead(nn.Module):
+    """Patch tokens (B, D, h, w) -> logits (B, C, out_size, out_size): bilinear upsampling and a 1x1 conv."""
+
+    def __init__(self, dim, num_classes, out_size=100):
+        super().__init__()
+        self.out_size = out_size
+        self.conv = nn.Conv2d(dim, num_classes, 1)
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, feats):
+        # the conv runs before the upsampling: both are linear and the bilinear weights sum to one, so the result is
+        # the same as upsample-then-conv, at C instead of D channels on the 100 x 100 grid
+        return F.interpolate(self.conv(feats), size=(self.out_size, self.out_size), mode="bilinear",
+                             align_corners=False)
+
+
+def resize_nearest(masks, size):
+    return F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()  # (B, size, size)
+
+
+@torch.no_grad()
+def segment_linear(head, feats, size):
+    """feats (B, D, h, w) -> class map (B, size, size): logits upsampled bilinearly to the val mask size."""
+    logits = F.interpolate(head(feats), size=(size, size), mode="bilinear", align_corners=False)
+    return logits.argmax(1)
+
+
+def train_linear_head(train_epoch, val_batches, dim, num_classes, ignore_index, s, device):
+    """train_epoch(epoch) yields (feats (B, D, h, w), targets (B, out, out)); val_batches() yields (feats, masks
+    (B, S, S)). SGD with a step decay; the val mIoU after every epoch. Returns the head and the per-epoch
+    confusion matrices."""
+    torch.manual_seed(s["seed"])
+    head = LinearHead(dim, num_classes, s["out_size"]).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+    history = []
+    for epoch in tqdm(range(s["epochs"]), desc="linear epochs"):
+        for group in opt.param_groups:
+            group["lr"] = s["lr"] * (s["lr_gamma"] if epoch >= s["lr_step_epoch"] else 1.0)
+        head.train()
+        for feats, targets in train_epoch(epoch):
+            targets = targets.to(device).long()
+            if not (targets != ignore_index).any():
+                continue  # nothing labelled: the mean cross-entropy would be 0/0
+            loss = F.cross_entropy(head(feats.to(device).float()), targets, ignore_index=ignore_index)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        head.eval()
+        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        for feats, masks in val_batches():
+            pred = segment_linear(head, feats.to(device).float(), masks.shape[-1])
+            conf += confusion_matrix(pred.cpu(), masks, num_classes, ignore_index)
+        history.append(conf)
+    return head, history
+
+
+@torch.no_grad()
+def cache_features(backbone, loader, device, precision, desc, mask_size=None):
+    """Features (n, D, h, w) fp16 on the CPU and masks (n, S, S) uint8 (nearest to mask_size if given)."""
+    feats, masks = [], []
+    for images, m in tqdm(loader, desc=desc, leave=False):
+        feats.append(patch_features(backbone, images.to(device), precision).permute(0, 3, 1, 2).half().cpu())
+        masks.append((resize_nearest(m, mask_size) if mask_size else m).to(torch.uint8))  # labels <= 255
+    return torch.cat(feats), torch.cat(masks)
+
+
+def evaluate_linear(backbone, train_set, val_set, s, device, num_workers, precision, n_vis=0):
+    C, ignore, size = val_set.num_classes, val_set.ignore_index, s["image_size"]
+    torch.manual_seed(s["seed"])
+    val_loader = make_loader(val_set, resize_transform(size), s["batch_size"], num_workers)
+    val_feats, val_masks = cache_features(backbone, val_loader, device, precision, "val features")
+
+    def val_batches():
+        return zip(val_feats.split(s["batch_size"]), val_masks.split(s["batch_size"]))
+
+    if s["train_aug"]:  # the protocol: a fresh augmented crop of every image each epoch, features recomputed
+        loader = make_loader(train_set, linear_train_augmentation(size), s["batch_size"], num_workers, shuffle=True)
+
+        def train_epoch(epoch):
+            for images, masks in loader:
+                feats = patch_features(backbone, images.to(device), precision).permute(0, 3, 1, 2)
+                yield feats, resize_nearest(masks, s["out_size"])
+    else:  # no augmentation: every epoch sees the same inputs, so compute the features once
+        loader = make_loader(train_set, resize_transform(size), s["batch_size"], num_workers)
+        train_feats, train_masks = cache_features(backbone, loader, device, precision, "train features", s["out_size"])
+
+        def train_epoch(epoch):
+            order = torch.randperm(len(train_feats))
+            for batch in order.split(s["batch_size"]):
+                yield train_feats[batch], train_masks[batch]
+
+    head, history = train_linear_head(train_epoch, val_batches, backbone.embed_dim, C, ignore, s, device)
+    mious = [iou_from_confusion(conf, ignore)[1] for conf in history]
+    best = max(range(len(mious)), key=mious.__getitem__)
+    vis = []
+    if n_vis:
+        images, masks = next(iter(make_loader(val_set, resize_transform(size), n_vis, 0)))
+        vis = list(zip(images, masks, segment_linear(head, val_feats[:n_vis].to(device).float(), size).cpu()))
+    extra = {"mode": "augmented (features per epoch)" if s["train_aug"] else "cached features (no augmentation)",
+             "miou_last": 100 * mious[-1], "miou_best": 100 * mious[best], "best_epoch": best + 1}
+    return *iou_from_confusion(history[-1], ignore), vis, extra
+
+
+# -----------------------------------------------------------------------------
+# clustering: standardise, PCA, K-means, match clusters to classes
+
+
+def standardize_pca(x, dim=50):
+    """(n, D) -> (n, min(dim, D)): zero mean and unit variance per feature, then the top principal axes."""
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
+    cov = sum(xc.T.double() @ xc.double() for xc in x.split(262144)) / max(len(x) - 1, 1)  # (D, D), float64
+    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+    return x @ vectors[:, -dim:].flip(1).to(x.dtype)
+
+
+def kmeans(x, k, seed=0, iters=100, chunk=65536):
+    """Lloyd's K-means with k-means++ seeding on x (n, d), on x's device -> (assignment (n,), centroids (k, d)).
+    Empty clusters keep their centroid."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+
+    def nearest(centroids):  # argmin ||x - c||^2 = argmax 2 x.c - ||c||^2, in chunks of rows
+        half_norms = (centroids * centroids).sum(1) / 2
+        return torch.cat([(xc @ centroids.T - half_norms).argmax(1) for xc in x.split(chunk)])
+
+    centroids = x[torch.randint(len(x), (1,), generator=gen, device=x.device)]
+    closest = ((x - centroids[0]) ** 2).sum(1)  # (n,) squared distance to the nearest centroid so far
+    for _ in range(1, k):
+        pick = torch.multinomial(closest.clamp_min(0) + 1e-12, 1, generator=gen)
+        centroids = torch.cat([centroids, x[pick]])
+        closest = torch.minimum(closest, ((x - x[pick]) ** 2).sum(1))
+    assign = nearest(centroids)
+    for _ in range(iters):
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)[:, None]
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+        new = nearest(centroids)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign, centroids
+
+
+def evaluate_cluster(backbone, val_set, s, device, num_workers, precision, n_vis=0):
+    """K-means on the val patch tokens; mIoU per K, averaged over seeds. The first K of the list is the headline."""
+    C, ignore, size = val_set.num_classes, val_set.ignore_index, s["image_size"]
+    loader = make_loader(val_set, resize_transform(size), s["batch_size"], num_workers)
+    feats, gts = [], []
+    for images, masks in tqdm(loader, desc="val features", leave=False):
+        feats.append(patch_features(backbone, images.to(device), precision))  # (B, h, w, D)
+        gts.append(resize_nearest(masks, s["gt_size"]))
+    feats, gts = torch.cat(feats), torch.cat(gts)  # (n, h, w, D), (n, 100, 100)
+    n, h, w, D = feats.shape
+    x = standardize_pca(feats.reshape(-1, D), s["pca_dim"])  # (n*h*w, 50)
+    keep = gts != ignore
+    by_k, headline = {}, None
+    for K in [C if K == 0 else K for K in s["ks"]]:
+        ious, mious = [], []
+        for seed in tqdm(range(s["seeds"]), desc=f"K-means K={K}", leave=False):
+            assign, _ = kmeans(x, K, seed=seed, iters=s["iters"])
+            clusters = resize_nearest(assign.reshape(n, h, w).cpu(), s["gt_size"])  # (n, 100, 100)
+            cluster_conf = torch.bincount(clusters[keep] * C + gts[keep], minlength=K * C).reshape(K, C)
+            mapping = hungarian_mapping(cluster_conf) if K <= C else many_to_one_mapping(cluster_conf)
+            iou, miou = iou_from_confusion(remap_confusion(cluster_conf, mapping), ignore)
+            ious.append(iou)
+            mious.append(miou)
+            if headline is None and seed == 0:
+                vis_maps = (clusters, mapping)  # pictured with --save-vis
+        m = torch.tensor(mious, dtype=torch.float64)
+        headline = headline or (torch.stack(ious).nanmean(0), m.mean().item())  # the first K, averaged over seeds
+        by_k[str(K)] = {"miou": 100 * m.mean().item(), "miou_std": 100 * m.std(unbiased=False).item(),
+                        "matching": "hungarian" if K <= C else "many-to-one", "seeds": len(mious)}
+    vis = []
+    if n_vis:
+        images, masks = next(iter(make_loader(val_set, resize_transform(size), n_vis, 0)))
+        clusters, mapping = vis_maps
+        vis = list(zip(images, masks, mapping[resize_nearest(clusters[:n_vis], size)]))
+    return *headline, vis, {"by_k": by_k}
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: train.py runs, bare DINOv2 / NeCo state_dicts, official weights
+
+
+def load_backbone(ckpt, teacher=False):
+    """-> (backbone in eval mode, description). ckpt: 'hub:<name>', a train.py checkpoint (student, or teacher) or
+    a bare backbone state_dict file (architecture read from the shapes)."""
+    try:
+        if ckpt.startswith("hub:"):
+            name = ckpt[4:]
+            return model.build_backbone(name, weights="hub").eval(), {"arch": name, "weights": "official"}
+        sd = model.load_checkpoint_file(ckpt)
+        if isinstance(sd, dict) and isinstance(sd.get("student"), dict) and isinstance(sd.get("config"), dict):
+            cfg_model = sd["config"].get("model", {})
+            which = "teacher" if teacher else "student"
+            weights = sd[which]
+            name, registers = model.infer_arch(weights)
+            name = cfg_model.get("arch", name)  # the config knows a registers-excluded _reg model; shapes cannot
+            registers = cfg_model.get("num_register_tokens", registers)
+            backbone = model.build_backbone(name, weights=weights, num_register_tokens=registers)
+            return backbone.eval(), {"arch": name, "num_register_tokens": registers, "weights": which,
+                                     "step": sd.get("step")}
+        if teacher:
+            raise UserError(f"--teacher needs a train.py checkpoint (with student and teacher); {ckpt} is not one")
+        name, registers = model.infer_arch(sd)
+        backbone = model.build_backbone(name, weights=sd, num_register_tokens=registers)
+        return backbone.eval(), {"arch": name, "num_register_tokens": registers, "weights": "state_dict"}
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"checkpoint {ckpt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+# -----------------------------------------------------------------------------
+# pictures: image | ground truth | prediction
+
+
+def overlay(image, labels, palette, ignore_index, num_classes):
+    classes = [c for c in labels.unique().tolist() if c != ignore_index and 0 <= c < num_classes]
+    if not classes:
+        return image
+    masks = labels[None] == torch.tensor(classes)[:, None, None]  # (n, H, W) bool
+    return draw_segmentation_masks(image, masks, alpha=0.6, colors=[palette[c] for c in classes])
+
+
+def save_vis(samples, path, num_classes, ignore_index):
+    """samples: (image uint8 (3, S, S), gt (S, S), pred (S, S)) -> one PNG, a row per image."""
+    pal = data.voc_palette()
+    palette = [tuple(pal[3 * c:3 * c + 3]) for c in range(256)]
+    tiles = []
+    for image, gt, pred in samples:
+        tiles += [image, overlay(image, gt.long(), palette, ignore_index, num_classes),
+                  overlay(image, pred.long(), palette, ignore_index, num_classes)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(make_grid(tiles, nrow=3, padding=4, pad_value=255), str(path))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# settings and the command line
+
+
+def eval_config(config_path, sets, demo):
+    """The eval section of config.yaml, with eval.demo applied (demo) and then the --set pairs (eval.* only)."""
+    cfg = load_config(config_path)
+    if not isinstance(cfg.get("eval"), dict):
+        raise ConfigError(f"config file '{config_path}' has no eval section")
+    demo_section = cfg["eval"].pop("demo", None) or {}
+    if demo:
+        for key, value in dotted_items(demo_section, "eval."):
+            set_key(cfg, key, value)
+    for pair in sets:
+        key, value = parse_set(pair)
+        if not key.startswith("eval."):
+            raise ConfigError(f"--set '{key}': evaluate.py only takes eval.* keys (e.g. eval.incontext.k=10)")
+        set_key(cfg, key, value)
+    return cfg["eval"]
+
+
+def check_settings(family, s, ev):
+    """Refuse impossible values before anything heavy runs, naming the key."""
+    def need(ok, key, what, section=s, prefix=f"eval.{family}."):
+        if not ok:
+            raise ConfigError(f"config key '{prefix}{key}' {what}, got {section[key]!r}")
+
+    def is_int(v, low=1):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    need(ev["device"] in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda", ev, "eval.")
+    need(ev["device"] != "cuda" or torch.cuda.is_available(), "device", "needs a visible GPU", ev, "eval.")
+    need(ev["precision"] in ("fp32", "bf16"), "precision", "must be fp32 or bf16", ev, "eval.")
+    ints = {"incontext": ("k",), "linear": ("epochs", "out_size"), "cluster": ("seeds", "pca_dim", "gt_size")}
+    for key in ("image_size", "batch_size", *ints[family]):
+        need(is_int(s[key]), key, "must be an integer > 0")
+    need(s["image_size"] % model.PATCH_SIZE == 0, "image_size", f"must be a multiple of {model.PATCH_SIZE}")
+    if family == "incontext":
+        need(s["memory_size"] is None or is_int(s["memory_size"]), "memory_size", "must be null or an integer > 0")
+        need(is_int(s["aug_epochs"], 0), "aug_epochs", "must be an integer >= 0")
+        need(s["temperature"] > 0, "temperature", "must be > 0")
+        need(0 < s["fraction"] <= 1, "fraction", "must be in (0, 1]")
+    elif family == "linear":
+        need(s["lr"] > 0, "lr", "must be > 0")
+        need(0 < s["coco_fraction"] <= 1, "coco_fraction", "must be in (0, 1]")
+    else:
+        need(is_int(s["iters"], 0), "iters", "must be an integer >= 0")
+        need(bool(s["ks"]) and all(is_int(k, 0) for k in s["ks"]), "ks", "must list cluster counts (0: #classes)")
+
+
+def resolve_data_root(dataset, ev, data_root, demo):
+    if demo:  # the synthetic scenes (VOC layout) stand in for every dataset
+        return data.make_synthetic_voc(data_root or "data/synthetic")
+    root = Path(data_root or ev["roots"][ROOT_KEYS[dataset]]).expanduser()
+    if not root.exists():
+        raise UserError(f"data root {root} not found: pass --data-root or set eval.roots.{ROOT_KEYS[dataset]} "
+                        f"(see README for the expected layout)")
+    return root
+
+
+def make_datasets(family, dataset, root, s, ev, demo):
+    """(train set or None, val set) for the task."""
+    name = "voc" if demo else dataset
+    train_split = ev["voc_train_split"] if name == "voc" and not demo else "train"
+    try:
+        val_set = data.make_segmentation_dataset(name, root, "val")
+        if family == "cluster":
+            return None, val_set
+        if family == "incontext":
+            fraction, seed = s["fraction"], s["seed"]
+        else:
+            fraction, seed = (s["coco_fraction"] if name.startswith("coco") else 1.0), s["seed"]
+        return data.make_segmentation_dataset(name, root, train_split, fraction=fraction, seed=seed), val_set
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def per_class(iou, names):
+    return {name: (None if math.isnan(v) else round(100 * v, 4)) for name, v in zip(names, iou.tolist())}
+
+
+def default_out(ckpt):
+    return Path("results.jsonl") if ckpt.startswith("hub:") else Path(ckpt).expanduser().parent / "results.jsonl"
+
+
+def run(args):
+    t0 = time.time()
+    if args.task not in TASKS:
+        raise UserError(f"unknown task '{args.task}'; choose one of {', '.join(TASKS)}")
+    family, dataset = TASKS[args.task]
+    config = Path(args.config) if args.config else Path(__file__).with_name("config.yaml")
+    ev = eval_config(config, flatten_sets(args.set), args.demo)
+    s = ev[family]
+    check_settings(family, s, ev)
+    if args.ckpt.startswith("hub:"):
+        if args.ckpt[4:] not in model.BACKBONE_NAMES or not args.ckpt.startswith("hub:dinov2_"):
+            raise UserError(f"unknown hub model '{args.ckpt[4:]}'; choose one of "
+                            f"{', '.join(n for n in model.BACKBONE_NAMES if n.startswith('dinov2_'))}")
+    elif not Path(args.ckpt).expanduser().is_file():
+        raise UserError(f"checkpoint {args.ckpt} not found (a train.py last.pt, a state_dict file or hub:<name>)")
+    root = resolve_data_root(dataset, ev, args.data_root, args.demo)
+    train_set, val_set = make_datasets(family, dataset, root, s, ev, args.demo)
+    backbone, about = load_backbone(args.ckpt, args.teacher)
+    device = torch.device("cuda" if ev["device"] == "auto" and torch.cuda.is_available() else
+                          "cpu" if ev["device"] == "auto" else ev["device"])
+    backbone.to(device)
+    n_vis = ev["vis_images"] if args.save_vis else 0
+    print(f"{args.task}: {about['arch']} on {device}, {len(val_set)} val images"
+          + (f", {len(train_set)} train images" if train_set is not None else ""), file=sys.stderr)
+    common = dict(s=s, device=device, num_workers=ev["num_workers"], precision=ev["precision"], n_vis=n_vis)
+    if family == "incontext":
+        iou, miou, vis, extra = evaluate_incontext(backbone, train_set, val_set, **common)
+    elif family == "linear":
+        iou, miou, vis, extra = evaluate_linear(backbone, train_set, val_set, **common)
+    else:
+        iou, miou, vis, extra = evaluate_cluster(backbone, val_set, **common)
+    result = {"task": args.task, "miou": 100 * miou, "per_class_iou": per_class(iou, val_set.class_names),
+              **extra, "settings": s, "precision": ev["precision"], "ckpt": args.ckpt, **about,
+              "data_root": str(root), "demo": args.demo, "n_val": len(val_set),
+              "n_train": None if train_set is None else len(train_set), "device": str(device),
+              "elapsed_s": round(time.time() - t0, 2)}
+    if args.save_vis:
+        result["vis"] = str(save_vis(vis, Path(args.save_vis) / f"{args.task}.png", val_set.num_classes,
+                                     val_set.ignore_index))
+    out = Path(args.out) if args.out else default_out(args.ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(result)
+    with open(out, "a") as f:
+        f.write(line + "\n")
+    print(line)
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Dense evaluation (in-context, linear, K-means) of a backbone checkpoint")
+    p.add_argument("--ckpt", required=True, help="train.py checkpoint, state_dict file, or hub:<dinov2 name>")
+    p.add_argument("--task", required=True, help=", ".join(TASKS))
+    p.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher of a train.py checkpoint")
+    p.add_argument("--data-root", help="dataset folder (default: eval.roots in the config)")
+    p.add_argument("--config", help="the YAML config (default: config.yaml next to evaluate.py)")
+    p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
+                   help="override eval.* keys, e.g. --set eval.incontext.memory_size=102400")
+    p.add_argument("--out", help="results file, one JSON line appended (default: results.jsonl beside the ckpt)")
+    p.add_argument("--save-vis", metavar="DIR", help="write DIR/<task>.png: image | ground truth | prediction")
+    p.add_argument("--demo", action="store_true", help="synthetic data in data/synthetic and small CPU settings")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (UserError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Tests of data.py: crops and their boxes, RoI correspondence, dataset layouts, masks, the synthetic set."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image  # test oracle only (installed with torchvision)
+from torchvision.io import encode_jpeg, encode_png
+from torchvision.ops import roi_align
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+
+# torchvision 0.29 warns on every decode/encode that its image I/O is deprecated (in favour of TorchCodec)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+# -----------------------------------------------------------------------------
+# helpers: tiny files
+
+
+def write_jpg(path, h=24, w=32, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    path.write_bytes(bytes(encode_jpeg(img, quality=95).numpy()))
+
+
+def write_grey_png(path, labels):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(encode_png(torch.as_tensor(labels, dtype=torch.uint8)[None]).numpy()))
+
+
+def write_palette_png_pil(path, labels, palette):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
+    im.putpalette(palette)
+    im.save(path)
+
+
+def smooth_image(h, w):
+    """A smooth RGB image (low frequencies only), uint8 (3, H, W)."""
+    y, x = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    chans = [torch.sin(2 * math.pi * x / 97) * torch.cos(2 * math.pi * y / 83),
+             torch.sin(2 * math.pi * (x + y) / 120 + 1.0),
+             torch.cos(2 * math.pi * x / 150) + 0.5 * torch.sin(2 * math.pi * y / 61)]
+    img = torch.stack([(c - c.min()) / (c.max() - c.min()) for c in chans])
+    return (img * 255).round().to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
+# masks: palette indices, never colours
+
+
+def test_read_mask_returns_palette_indices_not_colours(tmp_path):
+    labels = np.array([[0, 1, 2, 3], [255, 20, 3, 1]], dtype=np.uint8)
+    # a palette whose colours (and their grey values) differ from the indices
+    palette = []
+    for i in range(256):
+        palette += [(i * 37 + 11) % 256, (i * 91 + 5) % 256, (255 - i * 13) % 256]
+    path = tmp_path / "m.png"
+    write_palette_png_pil(path, labels, palette)
+    mask = data.read_mask(path)
+    assert mask.dtype == torch.int64 and mask.shape == (2, 4)
+    assert mask.tolist() == labels.tolist()
+    # the file really is a palette PNG: read as RGB it gives the palette colours
+    rgb = data.read_image(path)
+    assert rgb[:, 0, 1].tolist() == palette[3:6]
+
+
+def test_encode_palette_png_is_a_voc_palette_png(tmp_path):
+    labels = torch.tensor([[0, 1, 2, 15], [255, 20, 7, 0], [3, 3, 3, 255]], dtype=torch.uint8)
+    path = tmp_path / "v.png"
+    path.write_bytes(data.encode_palette_png(labels))
+    with Image.open(path) as im:  # independent decoder
+        assert im.mode == "P"
+        assert np.array(im).tolist() == labels.tolist()
+        pal = im.getpalette()
+    # known VOC colours: 1 aeroplane (128,0,0), 2 bicycle (0,128,0), 15 person (192,128,128), 255 void (224,224,192)
+    assert pal[3:6] == [128, 0, 0] and pal[6:9] == [0, 128, 0]
+    assert pal[45:48] == [192, 128, 128] and pal[765:768] == [224, 224, 192]
+    assert data.read_mask(path).tolist() == labels.long().tolist()
+
+
+def test_read_mask_rejects_rgb_png(tmp_path):
+    path = tmp_path / "rgb.png"
+    path.write_bytes(bytes(encode_png(torch.zeros(3, 4, 4, dtype=torch.uint8)).numpy()))
+    with pytest.raises(ValueError, match="rgb.png"):
+        data.read_mask(path)
+
+
+# -----------------------------------------------------------------------------
+# crops, boxes and correspondence
+
+
+def test_crop_intersection_rois_hand_computed():
+    box_g = torch.tensor([[0.0, 0.0, 100.0, 100.0], [10.0, 20.0, 210.0, 120.0]])
+    box_v = torch.tensor([[50.0, 50.0, 150.0, 150.0], [60.0, 0.0, 100.0, 40.0]])
+    roi_g, roi_v = data.crop_intersection_rois(box_g, box_v, 10, 5)
+    # image 0: intersection (50,50,100,100); g: 10 cells over 100 px; v: 5 cells over 100 px
+    assert torch.allclose(roi_g[0], torch.tensor([5.0, 5.0, 10.0, 10.0]))
+    assert torch.allclose(roi_v[0], torch.tensor([0.0, 0.0, 2.5, 2.5]))
+    # image 1: intersection (60,20,100,40); g: 10/200 per px in x, 10/100 in y; v: 5/40 in both
+    assert torch.allclose(roi_g[1], torch.tensor([2.5, 0.0, 4.5, 2.0]))
+    assert torch.allclose(roi_v[1], torch.tensor([0.0, 2.5, 5.0, 5.0]))
+
+
+def unnormalise(crop):
+    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
+    return crop * std + mean  # [0, 1]
+
+
+def test_roi_align_on_crops_matches_roi_align_on_the_image():
+    torch.manual_seed(0)
+    img = smooth_image(240, 320)
+    img01 = img.float()[None] / 255  # (1, 3, H, W)
+    mc = data.MultiCrop(global_size=112, local_size=56, photometric=False)
+    worst, worst_shifted = 0.0, float("inf")
+    for _ in range(6):
+        crops, boxes = mc(img)
+        for g in range(2):
+            for v in range(len(crops)):
+                if v == g:
+                    continue
+                sg, sv = crops[g].shape[-1], crops[v].shape[-1]
+                # the crop's pixel grid is its "feature map": grid side = crop side
+                roi_g, roi_v = data.crop_intersection_rois(boxes[g:g + 1], boxes[v:v + 1], sg, sv)
+                inter = torch.cat([boxes[[g, v], :2].max(0).values, boxes[[g, v], 2:].min(0).values])  # (4,)
+                kw = dict(output_size=7, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+                ref = roi_align(img01, [inter[None]], **kw)
+                out_g = roi_align(unnormalise(crops[g])[None], [roi_g], **kw)
+                out_v = roi_align(unnormalise(crops[v])[None], [roi_v], **kw)
+                worst = max(worst, (out_g - ref).abs().max().item(), (out_v - ref).abs().max().item())
+                # negative control: the box of v shifted by a quarter of its size must NOT match
+                shift = (roi_v[:, 2:] - roi_v[:, :2]) * 0.25
+                out_shift = roi_align(unnormalise(crops[v])[None], [roi_v + torch.cat([shift, shift], 1)], **kw)
+                worst_shifted = min(worst_shifted, (out_shift - ref).abs().max().item())
+    assert worst < 0.02, worst  # resampling of a smooth image + uint8 rounding
+    assert worst_shifted > 0.04, worst_shifted
+
+
+def test_overlap_constraint_holds_over_many_samples():
+    torch.manual_seed(1)
+    mc = data.MultiCrop()  # reference scales and thresholds
+    for h, w in [(240, 320), (480, 360), (100, 400)]:
+        img = torch.zeros(3, h, w, dtype=torch.uint8)
+        area = h * w
+        for _ in range(150):
+            b = mc.sample_boxes(img).tolist()
+            assert len(b) == 6
+            for x1, y1, x2, y2 in b:
+                assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+                assert x1 == int(x1) and y2 == int(y2)
+            assert data.box_overlap(b[1], b[0]) > 0.01 * area
+            for loc in b[2:]:
+                assert data.box_overlap(loc, b[0]) > 0.01 * area
+                assert data.box_overlap(loc, b[1]) > 0.02 * area
+                assert (loc[2] - loc[0]) * (loc[3] - loc[1]) <= 0.25 * area * 1.1  # local scale, up to rounding
+
+
+def test_overlap_fallback_on_extreme_aspect_ratio_keeps_intersections_non_empty():
+    torch.manual_seed(2)
+    mc = data.MultiCrop(global_size=28, local_size=14, max_tries=10)
+    img = torch.zeros(3, 10, 3000, dtype=torch.uint8)  # every crop is a tiny centre crop: 1% is unreachable
+    crops, boxes = mc(img)
+    assert len(crops) == 6 and boxes.shape == (6, 4)
+    for v in range(1, 6):
+        for g in range(2):
+            if v != g:
+                assert data.box_overlap(boxes[v].tolist(), boxes[g].tolist()) > 0
+
+
+def test_multicrop_shapes_seeding_and_photometric():
+    img = smooth_image(90, 120)
+    mc = data.MultiCrop(global_size=42, local_size=28, n_local=3)
+    torch.manual_seed(5)
+    crops, boxes = mc(img)
+    assert [tuple(c.shape) for c in crops] == [(3, 42, 42)] * 2 + [(3, 28, 28)] * 3
+    assert boxes.shape == (5, 4) and boxes.dtype == torch.float32
+    torch.manual_seed(5)
+    crops2, boxes2 = mc(img)
+    assert torch.equal(boxes, boxes2) and all(torch.equal(a, b) for a, b in zip(crops, crops2))
+    # same seed without photometric augmentation: same boxes, but different pixels for some crop
+    torch.manual_seed(5)
+    plain, boxes3 = data.MultiCrop(global_size=42, local_size=28, n_local=3, photometric=False)(img)
+    assert torch.equal(boxes, boxes3)
+    assert any((a - b).abs().max() > 0.1 for a, b in zip(crops, plain))
+
+
+# -----------------------------------------------------------------------------
+# training images
+
+
+def test_train_images_is_deterministic_per_item_and_leaves_the_global_rng_alone(tmp_path):
+    for i in range(4):
+        write_jpg(tmp_path / "sub" / f"img{i}.JPG" if i % 2 else tmp_path / f"img{i}.jpg", 40, 50, seed=i)
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = data.TrainImages(tmp_path, data.MultiCrop(global_size=28, local_size=14), seed=3)
+    assert len(ds) == 4 and all(p.suffix.lower() == ".jpg" for p in ds.files)
+    state = torch.get_rng_state()
+    a = ds[2]
+    [ds[i] for i in (0, 1, 3)]  # other items in between: item 2 must not change
+    b = ds[2]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a[1], b[1]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    ds.set_epoch(1)
+    c = ds[2]
+    assert not torch.equal(a[1], c[1])
+    other_seed = data.TrainImages(tmp_path, data.MultiCrop(global_size=28, local_size=14), seed=4)
+    assert not torch.equal(a[1], other_seed[2][1])
+
+
+def test_corrupt_images_are_skipped_with_one_warning_and_counted(tmp_path, capsys):
+    write_jpg(tmp_path / "a_good.jpg", 30, 40, seed=1)
+    write_jpg(tmp_path / "d_good.jpg", 30, 40, seed=2)
+    (tmp_path / "b_bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
+    good = (tmp_path / "a_good.jpg").read_bytes()
+    (tmp_path / "c_truncated.jpg").write_bytes(good[: len(good) // 2])
+    ds = data.TrainImages(tmp_path, data.MultiCrop(global_size=28, local_size=14, n_local=2))
+    items = [ds[i] for i in range(len(ds))]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert "b_bad.jpg" in lines[0] and "c_truncated.jpg" in lines[1]
+    crops, boxes, n_skipped = data.collate_multicrop(items)
+    assert n_skipped == 2
+    assert [tuple(c.shape) for c in crops] == [(2, 3, 28, 28)] * 2 + [(2, 3, 14, 14)] * 2
+    assert boxes.shape == (2, 4, 4)
+    assert torch.equal(boxes[1], items[3][1])
+    assert data.collate_multicrop([None, None]) == (None, None, 2)
+
+
+def test_train_images_errors_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.TrainImages(tmp_path / "nowhere", None)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="empty"):
+        data.TrainImages(tmp_path / "empty", None)
+
+
+# -----------------------------------------------------------------------------
+# segmentation layouts
+
+
+def make_voc_tree(base, ids_by_split, flat=False):
+    """A tiny VOC tree; masks: palette PNG value = index of the id + 1, Aug mask = that + 10."""
+    image_dir = base / ("images" if flat else "JPEGImages")
+    sets = base / ("sets" if flat else "ImageSets/Segmentation")
+    all_ids = sorted({i for ids in ids_by_split.values() for i in ids})
+    for k, name in enumerate(all_ids):
+        write_jpg(image_dir / f"{name}.jpg", 6, 8, seed=k)
+        (base / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+        (base / "SegmentationClass" / f"{name}.png").write_bytes(
+            data.encode_palette_png(torch.full((6, 8), k + 1, dtype=torch.uint8)))
+        write_grey_png(base / "SegmentationClassAug" / f"{name}.png", np.full((6, 8), k + 11))
+    sets.mkdir(parents=True, exist_ok=True)
+    for split, ids in ids_by_split.items():
+        (sets / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return all_ids
+
+
+def test_voc_devkit_layout_from_devkit_or_voc2012_root(tmp_path):
+    all_ids = make_voc_tree(tmp_path / "VOCdevkit/VOC2012",
+                            {"train": ["2007_000001", "2007_000003"], "val": ["2007_000002"],
+                             "trainaug": ["2007_000001", "2007_000003", "2008_000009"]})
+    for root in (tmp_path / "VOCdevkit", tmp_path / "VOCdevkit/VOC2012"):
+        val = data.VOCSegmentation(root, "val")
+        assert val.ids == ["2007_000002"] and val.num_classes == 21 and val.ignore_index == 255
+        assert val.class_names[15] == "person"
+        image, mask = val[0]
+        assert image.shape == (3, 6, 8) and image.dtype == torch.uint8
+        assert mask.dtype == torch.int64 and mask.unique().tolist() == [all_ids.index("2007_000002") + 1]
+        aug = data.VOCSegmentation(root, "trainaug")
+        assert len(aug) == 3
+        assert aug[2][1].unique().tolist() == [all_ids.index("2008_000009") + 11]  # from SegmentationClassAug
+        assert len(data.VOCSegmentation(root, "train")) == 2
+
+
+def test_voc_flat_layout(tmp_path):
+    make_voc_tree(tmp_path / "voc_flat", {"train": ["a", "b"], "val": ["c"], "trainaug": ["a", "b"]}, flat=True)
+    val = data.VOCSegmentation(tmp_path / "voc_flat", "val")
+    assert val.ids == ["c"] and val[0][1].unique().tolist() == [3]
+    assert data.make_segmentation_dataset("voc", tmp_path / "voc_flat", "train").ids == ["a", "b"]
+
+
+def test_voc_errors_name_the_path_and_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing_voc.*JPEGImages"):
+        data.VOCSegmentation(tmp_path / "missing_voc", "val")
+    make_voc_tree(tmp_path / "VOC2012", {"train": ["a"]})
+    with pytest.raises(FileNotFoundError, match=r"val\.txt"):
+        data.VOCSegmentation(tmp_path, "val")
+    with pytest.raises(ValueError, match="split"):
+        data.VOCSegmentation(tmp_path, "test")
+
+
+def test_ade20k_layout_and_ignore_index(tmp_path):
+    base = tmp_path / "ADEChallengeData2016"
+    for sub, names in (("training", ["ADE_train_00000001", "ADE_train_00000002"]),
+                       ("validation", ["ADE_val_00000001"])):
+        for k, name in enumerate(names):
+            write_jpg(base / "images" / sub / f"{name}.jpg", 5, 7, seed=k)
+            write_grey_png(base / "annotations" / sub / f"{name}.png", np.array([[0, 150] * 3 + [k]] * 5))
+    for root in (tmp_path, base):
+        val = data.ADE20k(root, "val")
+        assert val.ids == ["ADE_val_00000001"] and val.num_classes == 151 and val.ignore_index == 0
+        assert len(val.class_names) == 151 and val.class_names[1] == "wall" and val.class_names[150] == "flag"
+        assert val[0][1].unique().tolist() == [0, 150]
+    assert len(data.make_segmentation_dataset("ade20k", tmp_path, "train")) == 2
+    with pytest.raises(FileNotFoundError, match="ADEChallengeData2016"):
+        data.ADE20k(tmp_path / "nope", "val")
+
+
+def test_coco_tables_match_the_coco_category_ids():
+    removed = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}  # ids unused in COCO 2017
+    things = [i for ids in data.COCO_THING_SUPERCATEGORIES.values() for i in ids]
+    stuff = [i for ids in data.COCO_STUFF_SUPERCATEGORIES.values() for i in ids]
+    assert sorted(things) == sorted(set(range(1, 91)) - removed)  # 80 things, each once
+    assert sorted(stuff) == list(range(92, 183))  # 91 stuff classes, each once
+    assert sorted(data.COCO_THING_SUPERCATEGORIES) == ["accessory", "animal", "appliance", "electronic", "food",
+                                                       "furniture", "indoor", "kitchen", "outdoor", "person",
+                                                       "sports", "vehicle"]
+    assert len(data.COCO_STUFF_SUPERCATEGORIES) == 15
+
+
+def test_coco_things_and_stuff_mapping(tmp_path):
+    # label-map values = category id - 1:
+    # person(1), bicycle(2), bottle(44), banner(92), window-other(181), sky-other(157), unlabeled
+    raw = np.array([[0, 1, 43, 91, 180, 156, 255]], dtype=np.uint8)
+    for split in ("train", "val"):
+        write_jpg(tmp_path / "images" / f"{split}2017" / "000000000139.jpg", 1, 7)
+        write_grey_png(tmp_path / "stuffthingmaps_trainval2017" / f"{split}2017" / "000000000139.png", raw)
+    things = data.make_segmentation_dataset("coco_things", tmp_path, "val")
+    assert things.num_classes == 12 and things.ignore_index == 255
+    # person -> 9, vehicle -> 11, kitchen -> 7; stuff and unlabeled ignored
+    assert things[0][1].tolist() == [[9, 11, 7, 255, 255, 255, 255]]
+    stuff = data.COCOStuffSeg(tmp_path, "train", kind="stuff")
+    assert stuff.num_classes == 15 and stuff.class_names[11] == "textile"
+    # things ignored; textile -> 11, window -> 14, sky -> 8
+    assert stuff[0][1].tolist() == [[255, 255, 255, 11, 14, 8, 255]]
+    with pytest.raises(FileNotFoundError, match="stuffthingmaps_trainval2017"):
+        data.COCOStuffSeg(tmp_path / "nococo", "val")
+
+
+def test_fraction_sampling_sizes_determinism_and_ids_file(tmp_path):
+    ids = [f"{i:04d}" for i in range(10)]
+    make_voc_tree(tmp_path / "VOC2012", {"trainaug": ids})
+    sizes = {f: len(data.VOCSegmentation(tmp_path, "trainaug", fraction=f)) for f in (1.0, 0.5, 0.25, 0.01)}
+    assert sizes == {1.0: 10, 0.5: 5, 0.25: 3, 0.01: 1}  # round half up, at least 1
+    a = data.VOCSegmentation(tmp_path, "trainaug", fraction=0.3, seed=0).ids
+    assert a == data.VOCSegmentation(tmp_path, "trainaug", fraction=0.3, seed=0).ids
+    assert len(set(a)) == 3 and set(a) <= set(ids) and a == sorted(a)
+    others = {tuple(data.VOCSegmentation(tmp_path, "trainaug", fraction=0.3, seed=s).ids) for s in range(1, 6)}
+    assert len(others | {tuple(a)}) > 1
+    (tmp_path / "ids.txt").write_text("0007\n0002\n\n")
+    listed = data.VOCSegmentation(tmp_path, "trainaug", fraction=0.1, ids_file=tmp_path / "ids.txt")
+    assert listed.ids == ["0007", "0002"]  # the file wins over the fraction
+    (tmp_path / "bad.txt").write_text("0001\n9999\n")
+    with pytest.raises(ValueError, match="9999"):
+        data.VOCSegmentation(tmp_path, "trainaug", ids_file=tmp_path / "bad.txt")
+    with pytest.raises(FileNotFoundError, match="absent.txt"):
+        data.VOCSegmentation(tmp_path, "trainaug", ids_file=tmp_path / "absent.txt")
+    with pytest.raises(ValueError, match="fraction"):
+        data.VOCSegmentation(tmp_path, "trainaug", fraction=0.0)
+
+
+# -----------------------------------------------------------------------------
+# synthetic scenes
+
+
+def test_synthetic_voc_is_deterministic_and_in_voc_format(tmp_path):
+    voc = data.make_synthetic_voc(tmp_path / "a", n_images=8, image_size=64, seed=0)
+    assert voc == tmp_path / "a" / "VOC2012"
+    same = data.make_synthetic_voc(tmp_path / "b", n_images=8, image_size=64, seed=0)
+    other = data.make_synthetic_voc(tmp_path / "c", n_images=8, image_size=64, seed=1)
+    files = sorted(p.relative_to(voc) for p in voc.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(same) for p in same.rglob("*") if p.is_file())
+    assert all((voc / f).read_bytes() == (same / f).read_bytes() for f in files)
+    assert (voc / "JPEGImages/syn_00000.jpg").read_bytes() != (other / "JPEGImages/syn_00000.jpg").read_bytes()
+
+    train, val = data.VOCSegmentation(voc, "train"), data.VOCSegmentation(voc, "val")
+    assert len(train) == 6 and len(val) == 2 and set(train.ids).isdisjoint(val.ids)
+    assert data.VOCSegmentation(voc, "trainaug").ids == train.ids
+    assert train.class_names == list(data.SYNTHETIC_CLASSES) and train.num_classes == 7
+    assert len(data.TrainImages(voc / "JPEGImages", None)) == 8
+    seen = set()
+    for name in train.ids + val.ids:
+        with Image.open(voc / "SegmentationClass" / f"{name}.png") as im:
+            assert im.mode == "P"
+        mask = data.read_mask(voc / "SegmentationClass" / f"{name}.png")
+        assert torch.equal(mask, data.read_mask(voc / "SegmentationClassAug" / f"{name}.png"))
+        assert data.read_image(voc / "JPEGImages" / f"{name}.jpg").shape == (3, 64, 64)
+        seen |= set(mask.unique().tolist())
+        # void rings: two 4-adjacent pixels never carry two different (non-void) labels
+        for a, b in ((mask[:, 1:], mask[:, :-1]), (mask[1:], mask[:-1])):
+            assert not ((a != b) & (a != 255) & (b != 255)).any()
+    assert 255 in seen and 0 in seen and len(seen - {0, 255}) >= 3 and seen <= set(range(7)) | {255}
+
+
+def test_synthetic_voc_skips_complete_sets_and_regenerates_on_change(tmp_path):
+    voc = data.make_synthetic_voc(tmp_path, n_images=4, image_size=32, seed=0)
+    jpg = voc / "JPEGImages" / "syn_00000.jpg"
+    jpg.write_bytes(b"edited")  # a complete set is not rewritten ...
+    data.make_synthetic_voc(tmp_path, n_images=4, image_size=32, seed=0)
+    assert jpg.read_bytes() == b"edited"
+    data.make_synthetic_voc(tmp_path, n_images=3, image_size=32, seed=0)  # ... a different one is
+    assert jpg.read_bytes() != b"edited"
+    assert sorted(p.name for p in (voc / "JPEGImages").iterdir()) == ["syn_00000.jpg", "syn_00001.jpg", "syn_00002.jpg"]
+    data.make_synthetic_voc(tmp_path, n_images=3, image_size=32, seed=0, force=True)
+    assert len(data.VOCSegmentation(voc, "train")) + len(data.VOCSegmentation(voc, "val")) == 3

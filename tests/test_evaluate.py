@@ -1,0 +1,483 @@
+"""evaluate.py: metrics and matching against brute force, exact chunked k-NN, label transfer, the memory, the linear
+probe, K-means, every task end to end on tiny synthetic data, the CLI's errors, and the in-context protocol against
+an independent brute-force run of it."""
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.io import decode_image, encode_jpeg, encode_png
+
+import data
+import evaluate
+import model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_train_checkpoint(path, seed=0, teacher_seed=None):
+    """A checkpoint shaped like train.py's: ModuleDict({backbone, head}) state_dicts for student and teacher."""
+    def modules(s):
+        torch.manual_seed(s)
+        return nn.ModuleDict({"backbone": model.build_backbone("vit_tiny14_reg"),
+                              "head": nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(192, 32))})})
+    student = modules(seed)
+    teacher = modules(seed if teacher_seed is None else teacher_seed)
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "step": 7,
+                "config": {"model": {"arch": "vit_tiny14_reg", "num_register_tokens": 4}}}, path)
+    return student["backbone"].eval(), teacher["backbone"].eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    student, _ = write_train_checkpoint(path)
+    return path, student
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    """8 synthetic scenes in the VOC devkit layout: 6 train, 2 val."""
+    return data.make_synthetic_voc(tmp_path_factory.mktemp("syn"), n_images=8, image_size=64)
+
+
+def run_cli(capsys, argv):
+    """evaluate.main in-process: (exit status, parsed last stdout line or None, stderr)."""
+    rc = evaluate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    return rc, (json.loads(lines[-1]) if rc == 0 else None), err
+
+
+TINY = ["eval.device=cpu", "eval.num_workers=0", "eval.incontext.image_size=56", "eval.incontext.batch_size=4",
+        "eval.linear.image_size=56", "eval.linear.out_size=28", "eval.linear.epochs=2", "eval.linear.batch_size=4",
+        "eval.linear.coco_fraction=1.0", "eval.cluster.image_size=56", "eval.cluster.gt_size=28",
+        "eval.cluster.ks=[0,9]", "eval.cluster.seeds=2", "eval.cluster.batch_size=4"]
+
+
+# -----------------------------------------------------------------------------
+# mIoU and matching
+
+
+def test_miou_matches_bruteforce():
+    g = torch.Generator().manual_seed(0)
+    C = 5
+    gt = torch.randint(0, C, (3, 17, 13), generator=g)
+    gt[torch.rand(gt.shape, generator=g) < 0.2] = 255
+    gt[gt == 3] = 1  # class 3 absent from the GT ...
+    pred = torch.randint(0, C, gt.shape, generator=g)
+    pred[pred == 4] = 0  # ... class 4 absent from GT? no: absent from the predictions only
+    conf = evaluate.confusion_matrix(pred, gt, C, 255)
+    ious, _ = evaluate.iou_from_confusion(conf, 255)
+    expected = []
+    for c in range(C):
+        tp = fp = fn = 0
+        for p, t in zip(pred.flatten().tolist(), gt.flatten().tolist()):
+            if t == 255:
+                continue
+            tp += p == c and t == c
+            fp += p == c and t != c
+            fn += p != c and t == c
+        expected.append(tp / (tp + fp + fn) if tp + fp + fn else math.nan)
+    assert conf.sum() == (gt != 255).sum()
+    for c in range(C):
+        assert (math.isnan(expected[c]) and math.isnan(ious[c])) or abs(ious[c].item() - expected[c]) < 1e-12
+    # class 3 is predicted but never true: union > 0, IoU 0, and it counts in the mean
+    assert expected[3] == 0
+    assert evaluate.iou_from_confusion(conf, 255)[1] == pytest.approx(sum(expected) / C)
+
+
+def test_miou_ade_ignore_class_is_not_scored():
+    gt = torch.tensor([[0, 1, 1, 2]])  # 0 = unlabeled (ignored)
+    pred = torch.tensor([[2, 1, 0, 2]])  # a pixel predicted as 0 is simply wrong for its class 1
+    conf = evaluate.confusion_matrix(pred, gt, 3, 0)
+    ious, miou = evaluate.iou_from_confusion(conf, 0)
+    assert math.isnan(ious[0])
+    assert ious[1].item() == pytest.approx(1 / 2) and ious[2].item() == pytest.approx(1.0)
+    assert miou == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("n,m,seed", [(1, 1, 0), (3, 3, 1), (5, 5, 2), (6, 6, 3), (4, 6, 4), (5, 7, 5)])
+def test_hungarian_matches_bruteforce(n, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.randint(0, 20, (n, m), generator=g).double()  # integer costs: many ties, a harder case
+    cols = evaluate.hungarian(cost)
+    assert len(set(cols.tolist())) == n and all(0 <= c < m for c in cols.tolist())
+    best = min(sum(cost[i, p[i]].item() for i in range(n)) for p in itertools.permutations(range(m), n))
+    assert cost[torch.arange(n), cols].sum().item() == best
+
+
+def test_hungarian_mapping_maximises_iou():
+    # 3 clusters x 3 classes; the greedy choice for cluster 0 (class 0, 50 px) would block the better total
+    conf = torch.tensor([[50, 45, 0], [60, 0, 0], [0, 0, 30]])
+    mapping = evaluate.hungarian_mapping(conf).tolist()
+    cls_px, clu_px = conf.sum(0).double(), conf.sum(1).double()
+
+    def total_iou(p):
+        return sum(conf[k, p[k]] / (clu_px[k] + cls_px[p[k]] - conf[k, p[k]]) for k in range(3))
+    assert mapping == list(max(itertools.permutations(range(3)), key=total_iou))
+
+
+def test_many_to_one_by_precision():
+    # rows: clusters, columns: classes (pixel counts)
+    conf = torch.tensor([[8, 2], [1, 9], [3, 4], [0, 5]])
+    assert evaluate.many_to_one_mapping(conf).tolist() == [0, 1, 1, 1]
+    class_conf = evaluate.remap_confusion(conf, evaluate.many_to_one_mapping(conf))
+    # GT class 0: 8 px in cluster 0 (-> 0), 1 + 3 in clusters mapped to 1; class 1: 2 px in cluster 0, 18 in the rest
+    assert class_conf.tolist() == [[8, 4], [2, 18]]
+
+
+# -----------------------------------------------------------------------------
+# in-context pieces
+
+
+@pytest.mark.parametrize("qc,kc,k", [(7, 13, 5), (64, 1000, 5), (3, 50, 30), (20, 7, 40)])
+def test_topk_chunked_equals_full(qc, kc, k):
+    g = torch.Generator().manual_seed(k)
+    q, keys = torch.randn(40, 16, generator=g), torch.randn(300 if k < 40 else 35, 16, generator=g)
+    scores, idx = evaluate.topk_inner_product(q, keys, k, query_chunk=qc, key_chunk=kc)
+    full_s, full_i = (q @ keys.T).topk(min(k, len(keys)), dim=1)
+    assert torch.equal(idx, full_i)
+    torch.testing.assert_close(scores, full_s)
+
+
+def test_topk_half_keys_rescores_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(10, 32, generator=g), torch.randn(200, 32, generator=g).to(torch.bfloat16)
+    scores, idx = evaluate.topk_inner_product(q, keys, 8, key_chunk=64)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, (q[:, None] * keys[idx].float()).sum(-1))
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    # against the exact fp32 ranking of the same rounded keys: the same neighbours (up to rare near-ties)
+    exact = (q @ keys.float().T).topk(8, dim=1).indices
+    overlap = sum(len(set(a) & set(b)) for a, b in zip(idx.tolist(), exact.tolist()))
+    assert overlap >= 0.95 * exact.numel()
+
+
+def test_transfer_labels_hand_made():
+    t = 0.02
+    # neighbour 2 is t*ln(3) below neighbour 1: weights e^0 : e^-ln3 = 3 : 1 -> 3/4, 1/4
+    scores = torch.tensor([[0.5, 0.5 - t * math.log(3)], [0.1, 0.1]])
+    labels = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]],
+                           [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    out = evaluate.transfer_labels(scores, labels, t)
+    torch.testing.assert_close(out, torch.tensor([[0.75, 0.125, 0.125], [0.0, 0.5, 0.5]]))
+
+
+def test_patch_label_histograms_hand_made():
+    mask = torch.tensor([[0, 0, 1, 1, 2, 255],
+                         [0, 1, 1, 1, 2, 2],
+                         [3, 3, 255, 255, 0, 0],
+                         [3, 3, 255, 1, 0, 0]])
+    counts = evaluate.patch_label_histograms(mask[None], num_classes=4, patch_size=2, ignore_index=255)
+    expected = torch.tensor([[3, 1, 0, 0], [0, 4, 0, 0], [1, 0, 3, 0],  # 255 counts as class 0 (the quirk)
+                             [0, 0, 0, 4], [3, 1, 0, 0], [4, 0, 0, 0]])
+    assert counts.shape == (1, 6, 4)
+    assert torch.equal(counts[0], expected)
+
+
+def test_rare_class_sampler_budget_and_preference():
+    # 100 patches: 99 pure background, one pure class 1 (patch 37)
+    counts = torch.zeros(1, 100, 2, dtype=torch.long)
+    counts[0, :, 0] = 196
+    counts[0, 37] = torch.tensor([0, 196])
+    g = torch.Generator().manual_seed(0)
+    assert evaluate.rare_class_sample(counts, 500, g).shape == (1, 100)  # clamped to the patches available
+    kept = [evaluate.rare_class_sample(counts, 10, g)[0] for _ in range(100)]
+    assert all(len(set(k.tolist())) == 10 for k in kept)
+    # the rare patch scores 1*U against 99*U for the others: kept nearly always (a uniform draw: 10% of the time)
+    assert sum(37 in k.tolist() for k in kept) >= 95
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items, num_classes, ignore_index=255):
+        self.items, self.num_classes, self.ignore_index = items, num_classes, ignore_index
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.mark.parametrize("memory_size,aug_epochs,expected", [(None, 0, 3 * 16), (None, 2, 2 * 3 * 16),
+                                                              (30, 2, 2 * 3 * 5), (10_000, 1, 3 * 16), (2, 1, 3)])
+def test_memory_size_and_labels(ckpt, memory_size, aug_epochs, expected):
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randint(0, 256, (3, 70, 60), dtype=torch.uint8, generator=g),
+              torch.randint(0, 3, (70, 60), generator=g)) for _ in range(3)]
+    keys, labels = evaluate.build_memory(ckpt[1], ListDataset(items, 3), 3, 255, image_size=56,
+                                         memory_size=memory_size, aug_epochs=aug_epochs, batch_size=2)
+    assert keys.shape == (expected, 192) and labels.shape == (expected, 3)  # 56 px: 4 x 4 = 16 patches per image
+    torch.testing.assert_close(keys.norm(dim=1), torch.ones(expected))
+    assert (labels.long().sum(1) == 14 * 14).all()
+
+
+# -----------------------------------------------------------------------------
+# linear probe, PCA, K-means
+
+
+def test_linear_head_learns_separable_problem():
+    g = torch.Generator().manual_seed(0)
+    C, D, n = 3, 8, 48
+    prototypes = torch.randn(C, D, generator=g)
+    classes = torch.arange(n) % C
+    # token features: the class prototype plus small noise, so a linear map separates them
+    feats = prototypes[classes][:, :, None, None] + 0.2 * torch.randn(n, D, 4, 4, generator=g)
+    targets = classes[:, None, None].expand(n, 12, 12)  # every pixel of image i has class i % 3
+    s = dict(epochs=12, lr=0.1, momentum=0.9, weight_decay=0.0, lr_step_epoch=10, lr_gamma=0.1, out_size=12, seed=0)
+
+    def train_epoch(epoch):
+        return zip(feats[:32].split(8), targets[:32].split(8))
+
+    def val_batches():
+        return zip(feats[32:].split(8), targets[32:].split(8))
+    head, history = evaluate.train_linear_head(train_epoch, val_batches, D, C, 255, s, "cpu")
+    assert len(history) == 12
+    first, last = (evaluate.iou_from_confusion(h, 255)[1] for h in (history[0], history[-1]))
+    assert last > 0.98 and last > first
+    assert history[-1].sum() == 16 * 12 * 12
+
+
+def test_standardize_pca_gives_uncorrelated_sorted_components():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3
+    y = evaluate.standardize_pca(x, 4)
+    cov = torch.cov(y.T.double())
+    assert y.shape == (2000, 4)
+    torch.testing.assert_close(cov - torch.diag(cov.diag()), torch.zeros(4, 4, dtype=torch.float64), atol=1e-4,
+                               rtol=0)
+    assert (cov.diag()[:-1] >= cov.diag()[1:]).all()
+
+
+def test_kmeans_recovers_separated_blobs():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    truth = torch.arange(4).repeat_interleave(50)
+    x = centres[truth] + 0.5 * torch.randn(200, 2, generator=g)
+    for seed in range(3):
+        assign, _ = evaluate.kmeans(x, 4, seed=seed)
+        # the same partition up to renaming: every true blob is one cluster and clusters are distinct
+        per_blob = [set(assign[truth == b].tolist()) for b in range(4)]
+        assert all(len(s) == 1 for s in per_blob) and len(set.union(*per_blob)) == 4
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def test_loads_student_teacher_and_bare_state_dict(tmp_path):
+    student, teacher = write_train_checkpoint(tmp_path / "last.pt", seed=1, teacher_seed=2)
+    x = torch.randn(1, 3, 28, 28)
+    for teacher_flag, ref in ((False, student), (True, teacher)):
+        net, about = evaluate.load_backbone(str(tmp_path / "last.pt"), teacher=teacher_flag)
+        assert about["arch"] == "vit_tiny14_reg" and about["weights"] == ("teacher" if teacher_flag else "student")
+        torch.testing.assert_close(net(x), ref(x))
+    torch.save(student.state_dict(), tmp_path / "bare.pth")
+    net, about = evaluate.load_backbone(str(tmp_path / "bare.pth"))
+    assert (about["arch"], about["num_register_tokens"]) == ("vit_tiny14_reg", 4)
+    torch.testing.assert_close(net(x), student(x))
+
+
+# -----------------------------------------------------------------------------
+# every task end to end on tiny synthetic data
+
+
+def write_png_file(path, labels):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(encode_png(labels[None].to(torch.uint8)).numpy()))
+
+
+def write_jpg_file(path, image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(encode_jpeg(image, quality=95).numpy()))
+
+
+def blocky_scene(g, values, size=48):
+    """An image whose colour follows a 4x4 grid of labels drawn from values (so features can find them)."""
+    labels = torch.tensor(values)[torch.randint(0, len(values), (4, 4), generator=g)]
+    big = labels.repeat_interleave(size // 4, 0).repeat_interleave(size // 4, 1)
+    colour = (big[None].float() * torch.tensor([37.0, 91.0, 53.0])[:, None, None]) % 256
+    return colour.to(torch.uint8), big
+
+
+@pytest.fixture(scope="module")
+def ade_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ade") / "ADEChallengeData2016"
+    g = torch.Generator().manual_seed(1)
+    for split, n in (("training", 4), ("validation", 2)):
+        for i in range(n):
+            image, labels = blocky_scene(g, [0, 1, 4, 13, 150])
+            write_jpg_file(root / "images" / split / f"ADE_{split}_{i:04d}.jpg", image)
+            write_png_file(root / "annotations" / split / f"ADE_{split}_{i:04d}.png", labels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    g = torch.Generator().manual_seed(2)
+    # label-map values are COCO ids - 1: 0 person, 2 car, 17 dog (things); 105 sky, 184 ... 255 unlabeled
+    for split, n in (("train2017", 4), ("val2017", 2)):
+        for i in range(n):
+            image, labels = blocky_scene(g, [0, 2, 17, 105, 123, 255])
+            write_jpg_file(root / "images" / split / f"{i:012d}.jpg", image)
+            write_png_file(root / "stuffthingmaps_trainval2017" / split / f"{i:012d}.png", labels)
+    return root
+
+
+@pytest.mark.parametrize("task", list(evaluate.TASKS))
+def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, tmp_path, capsys):
+    root = {"voc": voc, "ade20k": ade_root, "coco_things": coco_root, "coco_stuff": coco_root}[evaluate.TASKS[task][1]]
+    extra = {"voc_incontext": ["eval.incontext.aug_epochs=1", "eval.incontext.memory_size=40",
+                               "eval.voc_train_split=train"],
+             "voc_linear": ["eval.linear.train_aug=true"]}.get(task, [])
+    out = tmp_path / "res.jsonl"
+    argv = ["--ckpt", ckpt[0], "--task", task, "--data-root", root, "--out", out, "--set", *TINY, *extra]
+    if task == "voc_cluster":
+        argv += ["--save-vis", tmp_path / "vis"]
+    rc, result, err = run_cli(capsys, argv)
+    assert rc == 0, err
+    val = data.make_segmentation_dataset(evaluate.TASKS[task][1], root, "val")
+    assert result["task"] == task and 0 <= result["miou"] <= 100
+    assert list(result["per_class_iou"]) == val.class_names
+    assert result["elapsed_s"] > 0 and result["settings"]["image_size"] == 56
+    assert json.loads(out.read_text().splitlines()[-1]) == result
+    if task == "voc_incontext":
+        assert result["memory_patches"] == 6 * 6  # 40 // (6 images x 1 pass) = 6 patches kept per image
+    if task.endswith("_linear"):
+        assert result["miou_best"] >= result["miou_last"] and result["best_epoch"] in (1, 2)
+    if task.endswith("_cluster"):
+        assert set(result["by_k"]) == {str(val.num_classes), "9"}
+        assert result["miou"] == pytest.approx(result["by_k"][str(val.num_classes)]["miou"])
+    if task == "voc_cluster":
+        picture = decode_image(str(tmp_path / "vis" / "voc_cluster.png"))
+        assert picture.shape[0] == 3 and picture.shape[1] > 56 and picture.shape[2] > 3 * 56
+
+
+# -----------------------------------------------------------------------------
+# errors: one line on stderr, exit status 2
+
+
+@pytest.mark.parametrize("case", ["task", "ckpt", "corrupt", "root", "set_unknown", "set_not_eval", "set_value",
+                                  "hub_name", "teacher_bare"])
+def test_user_errors(case, ckpt, voc, tmp_path, capsys):
+    args = {"--ckpt": ckpt[0], "--task": "voc_incontext", "--data-root": voc}
+    sets = []
+    if case == "task":
+        args["--task"] = "voc_segment"
+    elif case == "ckpt":
+        args["--ckpt"] = tmp_path / "nope.pt"
+    elif case == "corrupt":
+        (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
+        args["--ckpt"] = tmp_path / "bad.pt"
+    elif case == "root":
+        args["--data-root"] = tmp_path / "no_voc_here"
+    elif case == "set_unknown":
+        sets = ["eval.incontext.kk=3"]
+    elif case == "set_not_eval":
+        sets = ["optim.epochs=1"]
+    elif case == "set_value":
+        sets = ["eval.incontext.image_size=100"]
+    elif case == "hub_name":
+        args["--ckpt"] = "hub:dinov2_vitx14"
+    elif case == "teacher_bare":
+        torch.save(ckpt[1].state_dict(), tmp_path / "bare.pth")
+        args["--ckpt"] = tmp_path / "bare.pth"
+        sets = None
+    argv = [x for kv in args.items() for x in kv] + (["--set", *sets] if sets else [])
+    argv += ["--teacher"] if case == "teacher_bare" else []
+    rc, _, err = run_cli(capsys, argv)
+    assert rc == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    named = {"task": "voc_segment", "ckpt": "nope.pt", "corrupt": "bad.pt", "root": "no_voc_here",
+             "set_unknown": "eval.incontext.kk", "set_not_eval": "optim.epochs", "set_value": "image_size",
+             "hub_name": "dinov2_vitx14", "teacher_bare": "--teacher"}[case]
+    assert named in err
+
+
+def test_demo_section_applies_and_set_wins():
+    import yaml
+    section = yaml.safe_load((ROOT / "config.yaml").read_text())["eval"]
+    ev = evaluate.eval_config(ROOT / "config.yaml", [], demo=False)
+    assert "demo" not in ev and ev["incontext"]["memory_size"] == 10_240_000  # the protocol value
+    ev = evaluate.eval_config(ROOT / "config.yaml", evaluate.flatten_sets([["eval.incontext.k=5"],
+                                                                           ["eval.incontext.aug_epochs=1"]]), demo=True)
+    for key, value in section["demo"]["incontext"].items():
+        if key != "aug_epochs":
+            assert ev["incontext"][key] == value
+    assert ev["incontext"]["aug_epochs"] == 1 and ev["incontext"]["k"] == 5  # an explicit --set beats the demo
+    assert ev["device"] == section["demo"]["device"]
+
+
+def test_cli_process_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(tmp_path / "missing.pt"),
+                           "--task", "voc_incontext"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr and "missing.pt" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# "done when": the in-context protocol against an independent brute-force run of it
+
+
+def brute_force_incontext(backbone, voc_root, size=224, k=30, temperature=0.02):
+    """VOC in-context mIoU (%), written independently: full similarity matrix, per-patch loops, bincount confusion."""
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+
+    def load(split):
+        ds = data.make_segmentation_dataset("voc", voc_root, split)
+        images, masks = [], []
+        for image, mask in ds:
+            images.append(F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                                        align_corners=False)[0].round().clamp(0, 255) / 255)
+            masks.append(F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long())
+        with torch.no_grad():
+            feats = backbone.forward_features((torch.stack(images) - mean) / std)["x_norm_patchtokens"]
+        return F.normalize(feats, dim=-1), torch.stack(masks), ds.num_classes
+
+    train_f, train_m, C = load("train")
+    val_f, val_m, _ = load("val")
+    g = size // 14
+    labels = []  # one class-fraction vector per memory patch, row-major within each image
+    for m in train_m:
+        m = torch.where(m == 255, 0, m)
+        for py in range(g):
+            for px in range(g):
+                block = m[py * 14:(py + 1) * 14, px * 14:(px + 1) * 14].flatten()
+                labels.append(torch.bincount(block, minlength=C).float() / block.numel())
+    labels = torch.stack(labels)  # (M, C)
+    keys = train_f.reshape(-1, train_f.shape[-1])
+    conf = torch.zeros(C * C, dtype=torch.long)
+    for feats, mask in zip(val_f, val_m):
+        sim = feats @ keys.T  # (N, M): every pair
+        top, idx = sim.topk(k, dim=1)
+        w = torch.softmax(top / temperature, dim=1)
+        pred = torch.stack([(w[n, :, None] * labels[idx[n]]).sum(0) for n in range(len(feats))])  # (N, C)
+        pred = pred.T.reshape(1, C, g, g)
+        pred = F.interpolate(pred, size=(size, size), mode="bilinear", align_corners=False)[0].argmax(0)
+        keep = mask != 255
+        conf += torch.bincount(mask[keep] * C + pred[keep], minlength=C * C)
+    conf = conf.reshape(C, C).double()
+    ious = [conf[c, c] / (conf[c].sum() + conf[:, c].sum() - conf[c, c]) for c in range(C)
+            if conf[c].sum() + conf[:, c].sum() > 0]
+    return 100 * sum(ious).item() / len(ious)
+
+
+def test_voc_incontext_agrees_with_brute_force(ckpt, tmp_path, capsys):
+    voc_root = data.make_synthetic_voc(tmp_path / "syn", n_images=8, image_size=96)
+    rc, result, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", "voc_incontext", "--data-root", voc_root,
+                                       "--out", tmp_path / "r.jsonl", "--set", "eval.device=cpu",
+                                       "eval.num_workers=0", "eval.voc_train_split=train",
+                                       "eval.incontext.image_size=224", "eval.incontext.aug_epochs=0",
+                                       "eval.incontext.memory_size=null", "eval.incontext.batch_size=4"])
+    assert rc == 0, err
+    expected = brute_force_incontext(ckpt[1], voc_root)
+    assert result["memory_patches"] == 6 * 256
+    assert abs(result["miou"] - expected) <= 1.0, (result["miou"], expected)

@@ -1,0 +1,435 @@
+"""model.py: the DINOv2 contract (keys, shapes, parameter counts, token order, pos-embed resizing, attention),
+checkpoint loading (prefixes, heads, registers excluded, hub cache, errors) and the NeCo head."""
+
+import math
+import urllib.error
+
+import pytest
+import torch
+import torch.nn as nn
+
+import model
+from model import ProjectionHead, build_backbone, clean_state_dict, infer_arch
+
+
+def tiny(name="vit_tiny14_reg", seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_backbone(name, **kw).eval()
+
+
+def perturbed_state(vit, seed=1):
+    """The model's state with every tensor moved off its init value, so that a wrong load would show."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in vit.state_dict().items()}
+
+
+# -----------------------------------------------------------------------------
+# architecture contract
+
+
+def expected_s14_reg_shapes():
+    """Key -> shape of the official ViT-S/14-reg checkpoint, written out from the spec (backbone.md)."""
+    D, F = 384, 1536
+    shapes = {"cls_token": (1, 1, D), "register_tokens": (1, 4, D), "pos_embed": (1, 1370, D), "mask_token": (1, D),
+              "patch_embed.proj.weight": (D, 3, 14, 14), "patch_embed.proj.bias": (D,)}
+    for i in range(12):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
+                       b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+                       b + "ls1.gamma": (D,), b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+                       b + "mlp.fc1.weight": (F, D), b + "mlp.fc1.bias": (F,), b + "mlp.fc2.weight": (D, F),
+                       b + "mlp.fc2.bias": (D,), b + "ls2.gamma": (D,)})
+    shapes.update({"norm.weight": (D,), "norm.bias": (D,)})
+    return shapes
+
+
+def test_s14_reg_keys_and_shapes():
+    with torch.device("meta"):
+        reg, plain = build_backbone("dinov2_vits14_reg"), build_backbone("dinov2_vits14")
+    expected = expected_s14_reg_shapes()
+    got = {k: tuple(v.shape) for k, v in reg.state_dict().items()}
+    assert len(got) == 176 and got == expected
+    assert set(plain.state_dict()) == set(expected) - {"register_tokens"}
+    assert reg.embed_dim == 384 and reg.patch_size == 14 and reg.num_register_tokens == 4 and reg.n_blocks == 12
+    assert plain.num_register_tokens == 0 and len(reg.blocks) == 12
+
+
+@pytest.mark.parametrize("name,count,device", [
+    ("dinov2_vits14_reg", 22_058_112, "cpu"), ("dinov2_vitb14_reg", 86_583_552, "cpu"),
+    ("dinov2_vitl14_reg", 304_372_736, "meta"), ("dinov2_vitg14_reg", 1_136_486_912, "meta")])
+def test_parameter_counts(name, count, device):
+    with torch.device(device):
+        vit = build_backbone(name)
+    assert sum(p.numel() for p in vit.parameters()) == count
+    # without registers: exactly the 4 register vectors fewer
+    with torch.device("meta"):
+        plain = build_backbone(name.removesuffix("_reg"))
+    assert sum(p.numel() for p in plain.parameters()) == count - 4 * vit.embed_dim
+
+
+def test_vitg_uses_swiglu_shapes():
+    with torch.device("meta"):
+        sd = build_backbone("dinov2_vitg14").state_dict()
+    assert tuple(sd["blocks.39.mlp.w12.weight"].shape) == (8192, 1536)
+    assert tuple(sd["blocks.39.mlp.w3.weight"].shape) == (1536, 4096)
+    assert "blocks.0.mlp.fc1.weight" not in sd
+
+
+def test_random_init_follows_dinov2():
+    vit = build_backbone("dinov2_vits14_reg")
+    qkv = vit.blocks[3].attn.qkv.weight
+    assert abs(qkv.std().item() - 0.02) < 0.001 and qkv.abs().max() <= 2.0  # trunc_normal std .02, cut at +-2
+    assert torch.all(vit.blocks[3].attn.qkv.bias == 0) and torch.all(vit.blocks[3].ls2.gamma == 1)
+    assert abs(vit.pos_embed.std().item() - 0.02) < 0.001
+    assert 0 < vit.cls_token.abs().max() < 1e-5 and 0 < vit.register_tokens.abs().max() < 1e-5  # normal std 1e-6
+    assert torch.all(vit.mask_token == 0) and torch.all(vit.norm.weight == 1)
+
+
+def test_projection_head():
+    torch.manual_seed(0)
+    head = ProjectionHead(192, hidden=64, out=32)
+    kinds = [type(m) for m in head.mlp]
+    assert kinds == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    assert [m.weight.shape for m in head.mlp if isinstance(m, nn.Linear)] == [(64, 192), (64, 64), (32, 64)]
+    assert all(torch.all(m.bias == 0) for m in head.mlp if isinstance(m, nn.Linear))
+    x = torch.randn(2, 7, 192)
+    y = head(x)
+    assert y.shape == (2, 7, 32)
+    torch.testing.assert_close(y.norm(dim=-1), torch.ones(2, 7))
+    raw = head.mlp(x)
+    torch.testing.assert_close(y, raw / raw.norm(dim=-1, keepdim=True))
+    assert len(ProjectionHead(8, 16, 4, layers=1).mlp) == 1
+
+
+# -----------------------------------------------------------------------------
+# forward pass
+
+
+def explicit_attention(attn, x):
+    """softmax(q k^T / sqrt(d)) v per head, from the qkv rows [q | k | v], in float64."""
+    B, N, D = x.shape
+    h = attn.num_heads
+    d = D // h
+    W, b = attn.qkv.weight.double(), attn.qkv.bias.double()
+    qkv = x.double() @ W.T + b  # (B, N, 3D)
+    out = torch.zeros(B, N, D, dtype=torch.float64)
+    for head in range(h):
+        q = qkv[..., head * d:(head + 1) * d]
+        k = qkv[..., D + head * d:D + (head + 1) * d]
+        v = qkv[..., 2 * D + head * d:2 * D + (head + 1) * d]
+        a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)
+        out[..., head * d:(head + 1) * d] = a @ v
+    return out @ attn.proj.weight.double().T + attn.proj.bias.double()
+
+
+def test_sdpa_attention_equals_softmax_formula():
+    vit = tiny()
+    attn = vit.blocks[0].attn
+    with torch.no_grad():
+        attn.qkv.weight.mul_(10)  # sharper attention than at init, so that the softmax matters
+        x = torch.randn(2, 21, 192)
+        torch.testing.assert_close(attn(x).double(), explicit_attention(attn, x), atol=1e-5, rtol=1e-5)
+
+
+def cubic(t, a):
+    """Keys' cubic convolution kernel with parameter a."""
+    t = abs(t)
+    if t <= 1:
+        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+    if t < 2:
+        return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+    return 0.0
+
+
+def bicubic_matrix_scale_factor(n_in, scale_factor):
+    """1-D resampling matrix of torch's bicubic (a=-0.75, half-pixel centres, edge replicate) when a scale factor is
+    given: output size floor(n_in * f), output i samples input position (i + 0.5) / f - 0.5."""
+    n_out = math.floor(n_in * scale_factor)
+    M = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = (i + 0.5) / scale_factor - 0.5
+        base = math.floor(src)
+        for tap in range(base - 1, base + 3):
+            M[i, min(max(tap, 0), n_in - 1)] += cubic(src - tap, -0.75)
+    return M
+
+
+def bicubic_matrix_antialias(n_in, n_out):
+    """1-D matrix of antialiased bicubic downsampling (Pillow's rule): a=-0.5 kernel stretched by n_in/n_out,
+    centred at (i + 0.5) * n_in/n_out, weights renormalised to sum 1."""
+    s = n_in / n_out
+    support, stretch = (2 * s, 1 / s) if s >= 1 else (2.0, 1.0)
+    M = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        centre = s * (i + 0.5)
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+        w = torch.tensor([cubic((j + 0.5 - centre) * stretch, -0.5) for j in range(lo, hi)], dtype=torch.float64)
+        M[i, lo:hi] = w / w.sum()
+    return M
+
+
+@pytest.mark.parametrize("name", ["vit_tiny14_reg", "vit_tiny14"])
+@pytest.mark.parametrize("H,W", [(224, 224), (448, 336), (518, 518)])
+def test_pos_embed_interpolation(name, H, W):
+    vit = tiny(name)
+    gh, gw = H // 14, W // 14
+    with torch.no_grad():
+        got = vit.interpolate_pos_embed(gh, gw, torch.float32)
+    assert got.shape == (1, 1 + gh * gw, 192)
+    pos = vit.pos_embed.detach().double()
+    if (gh, gw) == (37, 37):
+        expected = pos  # the trained grid is used unchanged
+    else:
+        grid = pos[0, 1:].reshape(37, 37, 192)
+        if name.endswith("_reg"):
+            Mh, Mw = bicubic_matrix_antialias(37, gh), bicubic_matrix_antialias(37, gw)
+        else:
+            Mh, Mw = bicubic_matrix_scale_factor(37, (gh + 0.1) / 37), bicubic_matrix_scale_factor(37, (gw + 0.1) / 37)
+        assert Mh.shape == (gh, 37) and Mw.shape == (gw, 37)
+        patches = torch.einsum("ia,abd,jb->ijd", Mh, grid, Mw).reshape(1, gh * gw, 192)
+        expected = torch.cat((pos[:, :1], patches), dim=1)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_token_order_registers_get_no_position():
+    vit = tiny()
+    x = torch.randn(2, 3, 56, 42)
+    with torch.no_grad():
+        tokens = vit.prepare_tokens(x)  # (B, 1 + 4 + 12, D)
+        pos = vit.interpolate_pos_embed(4, 3, torch.float32)
+        patches = torch.nn.functional.conv2d(x, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias, stride=14)
+    assert tokens.shape == (2, 1 + 4 + 12, 192)
+    torch.testing.assert_close(tokens[:, 0], (vit.cls_token[0] + pos[:, 0]).expand(2, -1))
+    torch.testing.assert_close(tokens[:, 1:5], vit.register_tokens.expand(2, -1, -1))
+    row_major = patches.flatten(2).transpose(1, 2)  # (B, 12, D): row 0 = patches (0,0), (0,1), (0,2)
+    torch.testing.assert_close(tokens[:, 5:], row_major + pos[:, 1:])
+
+
+def test_outputs_and_intermediate_layers_agree():
+    vit = tiny()
+    x = torch.randn(2, 3, 70, 56)  # 5 x 4 patches
+    with torch.no_grad():
+        out = vit.forward_features(x)
+        assert out["x_norm_clstoken"].shape == (2, 192) and out["x_norm_regtokens"].shape == (2, 4, 192)
+        assert out["x_norm_patchtokens"].shape == (2, 20, 192) and out["x_prenorm"].shape == (2, 25, 192)
+        torch.testing.assert_close(vit.norm(out["x_prenorm"])[:, 5:], out["x_norm_patchtokens"])
+        torch.testing.assert_close(vit(x), out["x_norm_clstoken"])
+        (last,) = vit.get_intermediate_layers(x)
+        torch.testing.assert_close(last, out["x_norm_patchtokens"])
+        maps = vit.get_intermediate_layers(x, n=2, reshape=True)
+        assert len(maps) == 2 and maps[1].shape == (2, 192, 5, 4)
+        torch.testing.assert_close(maps[1][:, :, 1, 2], out["x_norm_patchtokens"][:, 1 * 4 + 2])  # row-major
+        (raw, cls), = vit.get_intermediate_layers(x, n=1, norm=False, return_class_token=True)
+        torch.testing.assert_close(raw, out["x_prenorm"][:, 5:])
+        torch.testing.assert_close(cls, out["x_prenorm"][:, 0])
+        # block 1 by hand, and the listed-indices form
+        h = vit.prepare_tokens(x)
+        h = vit.blocks[1](vit.blocks[0](h))
+        first, = vit.get_intermediate_layers(x, n=[1])
+        torch.testing.assert_close(first, vit.norm(h)[:, 5:])
+    with pytest.raises(ValueError, match="blocks"):
+        vit.get_intermediate_layers(x, n=7)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        vit.forward_features(torch.randn(1, 3, 50, 56))
+
+
+def test_drop_path_ramp_and_per_sample_drop():
+    vit = tiny(drop_path_rate=0.25)
+    assert [b.drop_path for b in vit.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2, 0.25])
+    x = torch.ones(4000, 2, 3)
+    torch.manual_seed(0)
+    y = model.drop_path(x, 0.25, training=True)
+    per_sample = y[:, 0, 0]
+    assert torch.all((y == per_sample[:, None, None]))  # one decision per sample
+    values = per_sample.unique()
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / 0.75)
+    assert abs((per_sample > 0).float().mean().item() - 0.75) < 0.03
+    assert model.drop_path(x, 0.25, training=False) is x
+    # in eval the stochastic-depth model is the plain model
+    plain = tiny()
+    xs = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(xs), plain(xs))
+
+
+def test_grad_checkpointing_same_gradients(monkeypatch):
+    x = torch.randn(2, 3, 42, 42)
+    grads = []
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(k) or real(*a, **k))
+    for checkpointing in (False, True):
+        vit = tiny().train()
+        vit.grad_checkpointing = checkpointing
+        vit.forward_features(x)["x_norm_patchtokens"].pow(2).sum().backward()
+        grads.append({k: p.grad for k, p in vit.named_parameters() if p.grad is not None})
+    assert len(calls) == 6 and all(k.get("use_reentrant") is False for k in calls)
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k])
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def assert_same_state(vit, state):
+    sd = vit.state_dict()
+    assert sd.keys() == state.keys()
+    for k in sd:
+        assert torch.equal(sd[k], state[k]), k
+
+
+def test_strict_round_trip_through_file(tmp_path):
+    src = tiny()
+    state = perturbed_state(src)
+    src.load_state_dict(state)
+    path = tmp_path / "tiny.pth"
+    torch.save(src.state_dict(), path)
+    for weights in (path, str(path)):
+        dst = tiny(seed=5, weights=weights)
+        assert_same_state(dst, state)
+    x = torch.randn(1, 3, 84, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(dst.forward_features(x)["x_prenorm"], src.forward_features(x)["x_prenorm"],
+                                   atol=0, rtol=0)
+
+
+def test_registers_excluded_loading(capsys):
+    state = perturbed_state(tiny())  # a checkpoint with 4 registers
+    vit = build_backbone("vit_tiny14_reg", weights=state, num_register_tokens=0)
+    assert vit.num_register_tokens == 0 and vit.register_tokens is None
+    assert_same_state(vit, {k: v for k, v in state.items() if k != "register_tokens"})
+    assert vit.interpolate_antialias and vit.interpolate_offset == 0.0  # the _reg release's resizing rule
+    assert "register_tokens" in capsys.readouterr().out
+    x = torch.randn(1, 3, 42, 56)
+    with torch.no_grad():
+        out = vit.forward_features(x)
+    assert out["x_prenorm"].shape == (1, 1 + 12, 192) and out["x_norm_regtokens"].shape == (1, 0, 192)
+
+
+def test_clean_state_dict_prefixes_and_heads():
+    t = torch.zeros(1)
+    ckpt = {"state_dict": {"module.backbone.norm.weight": t, "model.module.cls_token": t,
+                           "_orig_mod.backbone.blocks.0.ls1.gamma": t, "module.dino_head.mlp.0.weight": t,
+                           "head.last_layer.weight": t, "projection_head.0.bias": t}}
+    sd, ignored = clean_state_dict(ckpt)
+    assert set(sd) == {"norm.weight", "cls_token", "blocks.0.ls1.gamma"}
+    assert set(ignored) == {"module.dino_head.mlp.0.weight", "head.last_layer.weight", "projection_head.0.bias"}
+    # the teacher is taken from a training checkpoint that also holds the student and plain values
+    teacher, student = {"norm.weight": torch.ones(1)}, {"norm.weight": torch.zeros(1)}
+    sd, _ = clean_state_dict({"student": student, "teacher": teacher, "epoch": 3, "config": {"a": 1}})
+    assert torch.equal(sd["norm.weight"], torch.ones(1))
+    with pytest.raises(ValueError, match="no state_dict"):
+        clean_state_dict({"epoch": 3, "optimizer": {"lr": 1.0}})
+    with pytest.raises(ValueError, match="two tensors"):
+        clean_state_dict({"module.norm.weight": t, "norm.weight": t})
+
+
+def test_loads_our_train_checkpoint_format(capsys):
+    """train.py saves nn.ModuleDict({"backbone": vit, "head": ProjectionHead}) state_dicts as student/teacher."""
+    vit = tiny()
+    vit.load_state_dict(perturbed_state(vit))
+    pair = nn.ModuleDict({"backbone": vit, "head": ProjectionHead(192, 64, 32)})
+    ckpt = {"student": pair.state_dict(), "teacher": pair.state_dict(), "step": 10}
+    assert "backbone.blocks.0.norm1.weight" in ckpt["teacher"] and "head.mlp.0.weight" in ckpt["teacher"]
+    loaded = build_backbone("vit_tiny14_reg", weights=ckpt)
+    assert_same_state(loaded, vit.state_dict())
+    line = capsys.readouterr().out.strip()
+    assert line.count("\n") == 0 and "ignored 6" in line and "head.mlp.0.weight" in line
+    assert infer_arch(ckpt) == ("vit_tiny14_reg", 4)
+
+
+def test_infer_arch():
+    with torch.device("meta"):
+        s_reg = build_backbone("dinov2_vits14_reg").state_dict()
+        b = build_backbone("dinov2_vitb14").state_dict()
+        g = build_backbone("dinov2_vitg14_reg").state_dict()
+    assert infer_arch(s_reg) == ("dinov2_vits14_reg", 4)
+    assert infer_arch({"module." + k: v for k, v in b.items()}) == ("dinov2_vitb14", 0)
+    assert infer_arch(g) == ("dinov2_vitg14_reg", 4)
+    assert infer_arch(tiny("vit_tiny14").state_dict()) == ("vit_tiny14", 0)
+    odd = {k: v for k, v in tiny().state_dict().items() if not k.startswith("blocks.5.")}
+    with pytest.raises(ValueError, match="5 blocks"):
+        infer_arch(odd)
+
+
+def test_missing_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "nowhere" / "ckpt.pth"
+    with pytest.raises(FileNotFoundError) as e:
+        build_backbone("vit_tiny14_reg", weights=path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+        build_backbone("vit_tiny14_reg", weights=junk)
+
+
+def test_mismatched_keys_are_named():
+    state = tiny().state_dict()
+    del state["blocks.2.ls1.gamma"]
+    state["blocks.2.attn.extra"] = torch.zeros(3)
+    with pytest.raises(RuntimeError) as e:
+        build_backbone("vit_tiny14_reg", weights=state)
+    msg = str(e.value)
+    assert "missing keys [blocks.2.ls1.gamma]" in msg and "unexpected keys [blocks.2.attn.extra]" in msg
+    assert "\n" not in msg
+    # a register checkpoint into the non-register name: register_tokens is unexpected
+    with pytest.raises(RuntimeError, match=r"unexpected keys \[register_tokens\]"):
+        build_backbone("vit_tiny14", weights=tiny().state_dict())
+    # long lists are shortened to a few names and a count
+    with pytest.raises(RuntimeError, match=r"\(91 in all\)"):
+        build_backbone("vit_tiny14_reg", weights={"norm.weight": torch.ones(192)})
+    # shapes: a ViT-S checkpoint into the tiny model
+    wrong = tiny().state_dict()
+    wrong["norm.weight"] = torch.ones(384)
+    with pytest.raises(RuntimeError, match=r"norm.weight \(384,\) vs \(192,\)"):
+        build_backbone("vit_tiny14_reg", weights=wrong)
+
+
+def test_bad_names_and_arguments():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("dinov2_vits16")
+    with pytest.raises(ValueError, match="_reg name"):
+        build_backbone("vit_tiny14", num_register_tokens=4)
+    with pytest.raises(ValueError, match="no released weights"):
+        build_backbone("vit_tiny14_reg", weights="hub")
+    with pytest.raises(ValueError, match="weights must be"):
+        build_backbone("vit_tiny14_reg", weights=3)
+
+
+def test_hub_weights_from_cache_without_network(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        official = build_backbone("dinov2_vits14_reg")
+        official.pos_embed.add_(1.0)  # differs from any fresh init
+    torch.save(official.state_dict(), cache / "dinov2_vits14_reg4_pretrain.pth")
+    vit = build_backbone("dinov2_vits14_reg", weights="hub")
+    assert torch.equal(vit.pos_embed, official.pos_embed) and torch.equal(vit.register_tokens,
+                                                                          official.register_tokens)
+    excluded = build_backbone("dinov2_vits14_reg", weights="hub", num_register_tokens=0)
+    assert excluded.register_tokens is None and torch.equal(excluded.pos_embed, official.pos_embed)
+    assert model.hub_checkpoint("dinov2_vitb14") == (
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth", "dinov2_vitb14_pretrain.pth")
+
+
+def test_hub_weights_offline_and_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FileNotFoundError) as e:
+        build_backbone("dinov2_vitl14_reg", weights="hub")
+    msg = str(e.value)
+    assert "dinov2_vitl14_reg4_pretrain.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    assert "\n" not in msg

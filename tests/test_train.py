@@ -1,0 +1,340 @@
+"""train.py: the loss against brute force, gradients, EMA, schedules, checkpoints, exact resume, DDP, CLI errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.io import write_jpeg
+
+import train
+from sort import diff_sort
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(tmp_path, images, **over):
+    """The real config with a tiny model and crops: a few steps take a second on the CPU."""
+    sets = [f"out_dir={tmp_path / 'run'}", f"data.root={images}", "model.arch=vit_tiny14_reg", "model.weights=null",
+            "model.head_hidden=64", "model.head_out=32", "model.drop_path_rate=0.0", "data.global_size=56",
+            "data.local_size=28", "data.num_workers=0", "neco.roi_size=4", "neco.num_references=16",
+            "neco.queue_size=256", "optim.batch_size=4", "optim.epochs=2", "optim.lr_backbone=1e-3",
+            "optim.lr_head=1e-2", "train.device=cpu", "train.ckpt_every=2"]
+    sets += [f"{k}={v}" for k, v in over.items()]
+    return train.load_config(ROOT / "config.yaml", sets)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """12 smooth random JPEGs of varied sizes."""
+    folder = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        h, w = 60 + 7 * i, 90 - 3 * i
+        low = torch.rand(3, 4, 4, generator=g)
+        img = F.interpolate(low[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        write_jpeg((img * 255).to(torch.uint8), str(folder / f"img_{i:02d}.jpg"), quality=95)
+    return folder
+
+
+def synthetic_batch(B, cfg, seed=0):
+    """Crops and boxes of the real shapes, without a dataset."""
+    g = torch.Generator().manual_seed(seed)
+    d = cfg["data"]
+    sizes = [d["global_size"]] * 2 + [d["local_size"]] * d["n_local"]
+    crops = [torch.randn(B, 3, s, s, generator=g) for s in sizes]
+    xy = torch.rand(B, len(sizes), 2, generator=g) * 20
+    wh = 40 + torch.rand(B, len(sizes), 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + wh], -1)  # every box overlaps every other (all contain [20, 40]^2)
+    return crops, boxes
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def test_sort_cross_entropy_matches_per_row_brute_force():
+    torch.manual_seed(0)
+    ncfg = {"sort_network": "bitonic", "sort_steepness": 20.0, "sort_distribution": "cauchy", "sort_art_lambda": 0.25}
+    sim_s, sim_t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    got = train.sort_cross_entropy(sim_s, sim_t, ncfg)
+    total = 0.0
+    for r in range(6):  # one row at a time: -sum_k Pt[j, k] log Ps[j, k], averaged over rows and j
+        _, Ps = diff_sort(sim_s[r:r + 1], "bitonic", 20.0, "cauchy")
+        _, Pt = diff_sort(sim_t[r:r + 1], "bitonic", 20.0, "cauchy")
+        for j in range(5):
+            total += -sum(Pt[0, j, k].item() * math.log(Ps[0, j, k].item()) for k in range(5))
+    assert got.item() == pytest.approx(total / 30, rel=1e-10)
+
+
+def test_sort_cross_entropy_is_finite_when_p_underflows():
+    # logistic at steepness 1000 gives exact zeros in float32 P: the log must stay finite
+    ncfg = {"sort_network": "bitonic", "sort_steepness": 1000.0, "sort_distribution": "logistic",
+            "sort_art_lambda": 0.25}
+    sims = torch.linspace(-1, 1, 16).repeat(3, 1)
+    _, P = diff_sort(sims, "bitonic", 1000.0, "logistic")
+    assert (P == 0).any()
+    assert torch.isfinite(train.sort_cross_entropy(sims, sims.flip(-1), ncfg))
+
+
+def test_neco_loss_matches_per_query_brute_force(tmp_path, images):
+    cfg = tiny_cfg(tmp_path, images)
+    ncfg = cfg["neco"]
+    torch.manual_seed(1)
+    B, out = 2, 8
+    maps_t = [torch.randn(B, 4, 4, out) for _ in range(2)]
+    maps_s = [torch.randn(B, 4, 4, out) for _ in range(2)] + [torch.randn(B, 2, 2, out) for _ in range(4)]
+    _, boxes = synthetic_batch(B, cfg)
+    refs = {g: torch.randn(B, 16, out) for g in range(2)}
+    got = train.neco_loss(maps_t, maps_s, boxes, lambda g, q_t: refs[g], ncfg)
+
+    kw = dict(network="bitonic", steepness=100.0, distribution="cauchy")
+    pair_losses = []
+    for g in range(2):
+        for v in range(6):
+            if v == g:
+                continue
+            q_t, q_s = train.pair_queries(maps_t, maps_s, boxes, g, v, 4)  # (B, 16, out)
+            terms = []
+            for b in range(B):
+                for q in range(16):
+                    st = torch.stack([F.cosine_similarity(q_t[b, q], refs[g][b, j], dim=0) for j in range(16)])
+                    ss = torch.stack([F.cosine_similarity(q_s[b, q], refs[g][b, j], dim=0) for j in range(16)])
+                    Pt, Ps = diff_sort(st[None], **kw)[1][0], diff_sort(ss[None], **kw)[1][0]
+                    terms.append(-(Pt * torch.log(Ps)).sum(1).mean())
+            pair_losses.append(torch.stack(terms).mean())
+    assert len(pair_losses) == 10
+    torch.testing.assert_close(got, torch.stack(pair_losses).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_pair_queries_sample_the_same_region():
+    # a feature map that is a linear function of image coordinates, seen through two different crops: RoI-aligning
+    # both over their intersection must give the same values (the correspondence NeCo relies on)
+    def crop_map(box, side):
+        x1, y1, x2, y2 = box.tolist()
+        centres = (torch.arange(side) + 0.5) / side
+        xs, ys = x1 + centres * (x2 - x1), y1 + centres * (y2 - y1)
+        return torch.stack([xs[None, :].expand(side, side), ys[:, None].expand(side, side)], -1)[None]  # (1,s,s,2)
+
+    # boxes chosen so that every bilinear sample lies inside both maps (roi_align clamps at the border)
+    boxes = torch.tensor([[[0., 0., 100., 100.], [0., 0., 60., 60.]] + [[20., 20., 120., 120.]] * 4])
+    maps_t = [crop_map(boxes[0, 0], 16), crop_map(boxes[0, 1], 16)]
+    maps_s = maps_t + [crop_map(boxes[0, 2], 16)] * 4
+    q_t, q_s = train.pair_queries(maps_t, maps_s, boxes, 0, 2, 3)  # (1, 9, 2)
+    torch.testing.assert_close(q_t, q_s, atol=1e-4, rtol=0)
+    centres = 20 + (torch.arange(3) + 0.5) / 3 * 80  # bin centres of a 3x3 grid over the intersection [20, 100]^2
+    torch.testing.assert_close(q_t[0, :3, 0], centres, atol=1e-4, rtol=0)  # x along the first row
+    torch.testing.assert_close(q_t[0, ::3, 1], centres, atol=1e-4, rtol=0)  # y down the first column
+
+
+# -----------------------------------------------------------------------------
+# the step
+
+
+def make_run(cfg, sgd=False):
+    student, teacher = train.build_models(cfg)
+    if sgd:  # the update is proportional to the gradient: Adam would turn float noise in tiny gradients into +-lr
+        opt = torch.optim.SGD(train.param_groups(student, cfg), lr=0.5)
+    else:
+        opt = torch.optim.AdamW(train.param_groups(student, cfg), lr=cfg["optim"]["lr_backbone"])
+    gen = torch.Generator().manual_seed(0)
+    queue = train.PatchQueue(cfg["neco"]["queue_size"], cfg["model"]["head_out"], torch.device("cpu"))
+    return student, teacher, opt, gen, queue
+
+
+def test_step_updates_student_only_and_teacher_by_ema(tmp_path, images):
+    cfg = tiny_cfg(tmp_path, images)
+    torch.manual_seed(0)
+    student, teacher, opt, gen, queue = make_run(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
+    s0 = {k: v.clone() for k, v in student.state_dict().items()}
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    crops, boxes = synthetic_batch(4, cfg)
+    refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
+    m = 0.9
+    loss = train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
+                            torch.autocast("cpu", enabled=False), m)
+    assert loss is not None and math.isfinite(loss)
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher never gets gradients
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
+    changed = [k for k in s0 if not torch.equal(s0[k], student.state_dict()[k])]
+    assert any(k.startswith("backbone.blocks") for k in changed) and any(k.startswith("head.") for k in changed)
+    s1 = student.state_dict()
+    for k in t0:  # EMA: t = m t0 + (1 - m) s1
+        torch.testing.assert_close(teacher.state_dict()[k], m * t0[k] + (1 - m) * s1[k], rtol=1e-6, atol=1e-7)
+    assert queue.filled == [40, 40]  # 10 x batch pushed per global crop
+
+
+def test_batch_mode_and_nonfinite_skip(tmp_path, images):
+    cfg = tiny_cfg(tmp_path, images, **{"neco.references": "batch"})
+    torch.manual_seed(0)
+    student, teacher, opt, gen, queue = make_run(cfg)
+    crops, boxes = synthetic_batch(4, cfg)
+    refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
+    autocast = torch.autocast("cpu", enabled=False)
+    assert math.isfinite(train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
+                                          autocast, 0.99))
+    with torch.no_grad():
+        student.head.mlp[0].weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    assert train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg, autocast,
+                            0.99) is None
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) or before[k].isnan().any() for k in before)  # nothing stepped
+
+
+def test_param_groups_and_schedules(tmp_path, images):
+    cfg = tiny_cfg(tmp_path, images)
+    student, _ = train.build_models(cfg)
+    groups = train.param_groups(student, cfg)
+    assert sum(len(g["params"]) for g in groups) == len(list(student.parameters()))
+    no_decay = {id(p) for g in groups if not g["apply_wd"] for p in g["params"]}
+    for name, p in student.named_parameters():
+        assert (id(p) in no_decay) == (name.endswith(".bias") or p.ndim == 1), name
+    assert [g["base_lr"] for g in groups] == [1e-3, 1e-3, 1e-2, 1e-2]
+    o = cfg["optim"]
+    s0, sT, sh = train.schedules(cfg, 0, 100), train.schedules(cfg, 100, 100), train.schedules(cfg, 50, 100)
+    assert s0["lr_scale"] == 1.0 and s0["wd"] == pytest.approx(o["weight_decay"])
+    assert s0["momentum"] == pytest.approx(o["momentum_teacher"])
+    assert sT["lr_scale"] == pytest.approx(0.0, abs=1e-12) and sT["wd"] == pytest.approx(0.5)
+    assert sT["momentum"] == pytest.approx(1.0)
+    assert sh["wd"] == pytest.approx((0.04 + 0.5) / 2) and sh["lr_scale"] == pytest.approx(0.5)
+
+
+# -----------------------------------------------------------------------------
+# whole runs: checkpoints, resume
+
+
+def final_student(out_dir):
+    ckpt = torch.load(Path(out_dir) / "last.pt", map_location="cpu", weights_only=True)
+    return ckpt, ckpt["student"]
+
+
+def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path, images):
+    full = tiny_cfg(tmp_path / "a", images)
+    assert train.train(full) == 6  # 12 images // batch 4 = 3 steps per epoch, 2 epochs
+    ckpt, student_a = final_student(full["out_dir"])
+    assert ckpt["step"] == 6 and ckpt["config"]["model"]["arch"] == "vit_tiny14_reg"
+    assert {"student", "teacher", "optimizer", "queue", "rng", "step", "config"} <= set(ckpt)
+    log = [json.loads(ln) for ln in (Path(full["out_dir"]) / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert {"loss", "lr", "wd", "momentum", "img_per_s"} <= set(log[0])
+
+    part = tiny_cfg(tmp_path / "b", images, **{"train.max_steps": 4, "train.ckpt_every": 3})
+    assert train.train(part) == 4  # stops at 4 (checkpoints at 3 and 4) ...
+    part["train"]["max_steps"] = None
+    assert train.train(part) == 6  # ... and a re-run resumes from step 4
+    _, student_b = final_student(part["out_dir"])
+    for k in student_a:
+        torch.testing.assert_close(student_b[k], student_a[k], rtol=0, atol=1e-6)
+
+
+def test_sigkill_and_rerun_gives_the_uninterrupted_weights(tmp_path, images):
+    """A run killed with SIGKILL mid-training and re-run ends where an uninterrupted run ends."""
+    args = ["--set", f"out_dir={tmp_path / 'killed'}", f"data.root={images}", "model.arch=vit_tiny14_reg",
+            "model.weights=null", "model.head_hidden=64", "model.head_out=32", "model.drop_path_rate=0.1",
+            "data.global_size=56", "data.local_size=28", "data.num_workers=0", "neco.roi_size=4",
+            "neco.num_references=16", "neco.queue_size=256", "optim.batch_size=4", "optim.epochs=3",
+            "train.device=cpu", "train.ckpt_every=2"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "config.yaml")] + args
+    log = tmp_path / "killed" / "log.jsonl"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:  # killed after step 3: checkpoint at step 2
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert subprocess.run(cmd, cwd=tmp_path, capture_output=True).returncode == 0
+
+    ref = train.load_config(ROOT / "config.yaml", args[1:])
+    ref["out_dir"] = str(tmp_path / "uninterrupted")
+    train.train(ref)
+    _, killed = final_student(tmp_path / "killed")
+    _, clean = final_student(tmp_path / "uninterrupted")
+    for k in clean:
+        torch.testing.assert_close(killed[k], clean[k], rtol=0, atol=1e-6)
+    steps = [json.loads(ln)["step"] for ln in log.read_text().splitlines()]
+    assert steps == list(range(1, 10))  # the log has each step once
+
+
+# -----------------------------------------------------------------------------
+# several processes: torchrun's DDP on the CPU (gloo)
+
+
+def _ddp_worker(rank, world, cfg, crops, boxes, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    student, teacher, opt, gen, queue = make_run(cfg, sgd=True)
+    model = torch.nn.parallel.DistributedDataParallel(student)
+    b = crops[0].shape[0] // world
+    mine = [c[rank * b:(rank + 1) * b] for c in crops]
+    refs = train.make_reference_sampler(cfg["neco"], queue, gen, b)
+    train.train_step(model, student, teacher, opt, queue, gen, mine, boxes[rank * b:(rank + 1) * b], refs, cfg,
+                     torch.autocast("cpu", enabled=False), 0.99)
+    if rank == 0:
+        torch.save({"student": student.state_dict(), "teacher": teacher.state_dict()}, out)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("references", ["queue", "batch"])
+def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path, images, references):
+    cfg = tiny_cfg(tmp_path, images, **{"neco.references": references})
+    crops, boxes = synthetic_batch(4, cfg)
+    torch.manual_seed(0)
+    student, teacher, opt, gen, queue = make_run(cfg, sgd=True)
+    refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
+    train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
+                     torch.autocast("cpu", enabled=False), 0.99)
+    out = tmp_path / "ddp.pt"
+    port = 29500 + os.getpid() % 1000
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, cfg, crops, boxes, out, port), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(ddp["student"][k], v, rtol=1e-5, atol=1e-6)
+    before = {k: v for k, v in make_run(cfg)[0].state_dict().items()}
+    assert any(not torch.equal(before[k], v) for k, v in ddp["student"].items())  # it did train
+
+
+# -----------------------------------------------------------------------------
+# the command line: one line naming the culprit, exit code 2, no traceback
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--config", "missing.yaml"], "missing.yaml"),
+    (["--set", "optim.epoch=3"], "optim.epoch"),
+    (["--set", "optim.epochs=many"], "optim.epochs"),
+    (["--set", "data.root=/no/such/folder"], "/no/such/folder"),
+    (["--set", "model.weights=/no/such/file.pth"], "/no/such/file.pth"),
+    (["--set", "neco.sort_network=quick"], "quick"),
+])
+def test_cli_errors_are_one_line(args, culprit):
+    res = run_cli(*args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_too_many_bad_steps_stop_with_a_message(tmp_path, images, capsys):
+    cfg = tiny_cfg(tmp_path, images, **{"train.max_bad_steps": 2})
+    student, _ = train.build_models(cfg)
+    sd = {k: torch.full_like(v, float("nan")) for k, v in student.backbone.state_dict().items()}
+    torch.save(sd, tmp_path / "nan.pth")
+    cfg["model"]["weights"] = str(tmp_path / "nan.pth")
+    with pytest.raises(train.TrainingStopped, match="2 steps in a row"):
+        train.train(cfg)
+    assert torch.load(Path(cfg["out_dir"]) / "last.pt", weights_only=True)["bad_steps"] == 2

@@ -1,0 +1,646 @@
+"""
+NeCo post-training: a student ViT learns to order patches by similarity to reference patches the same way as its
+EMA teacher does, through a differentiable sorting network.
+
+    python train.py --config config.yaml                     # the paper's run (COCO train2017, ViT-S/14-reg)
+    python train.py --config config.yaml --demo              # offline demo on synthetic scenes, CPU, ~3 minutes
+    torchrun --nproc_per_node=4 train.py --config config.yaml   # several GPUs (DistributedDataParallel)
+
+Re-running the same command resumes from <out_dir>/last.pt.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from torchvision.ops import roi_align
+from tqdm import tqdm
+
+from data import MultiCrop, TrainImages, collate_multicrop, crop_intersection_rois, make_synthetic_voc
+from model import ProjectionHead, build_backbone
+from sort import diff_sort
+
+# -----------------------------------------------------------------------------
+# config: one YAML file, every key overridable with --set section.key=value
+
+
+class ConfigError(ValueError):
+    """A mistake in the config or on the command line: reported as one line, no traceback."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many bad steps in a row); the checkpoint is saved first."""
+
+
+def _check_type(key, old, new):
+    if old is None or new is None:
+        return new
+    if isinstance(old, bool) or isinstance(new, bool):
+        if isinstance(old, bool) and isinstance(new, bool):
+            return new
+    elif isinstance(old, float) and isinstance(new, int):
+        return float(new)
+    elif isinstance(old, (int, float, str)) and type(new) is type(old):
+        return new
+    elif isinstance(old, list) and isinstance(new, list):
+        return new
+    elif isinstance(old, dict):
+        raise ConfigError(f"config key '{key}' is a section: set one of its keys ({key}.{next(iter(old), '...')}=...)")
+    raise ConfigError(f"config key '{key}' expects {type(old).__name__} (like {old!r}), got {new!r}")
+
+
+def set_key(cfg, dotted, value):
+    """Set cfg['a']['b'] = value for dotted = 'a.b', refusing keys the config does not have."""
+    *parents, last = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            raise ConfigError(f"unknown config key '{'.'.join(parents[:i + 1])}' (in '{dotted}')")
+        node = node[part]
+    if last not in node:
+        raise ConfigError(f"unknown config key '{dotted}'")
+    node[last] = _check_type(dotted, node[last], value)
+
+
+def dotted_items(tree, prefix=""):
+    """{'a': {'b': 1}} -> [('a.b', 1)]: a nested override section as --set pairs."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from dotted_items(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def parse_set(pair):
+    if "=" not in pair:
+        raise ConfigError(f"--set expects key=value, got '{pair}'")
+    key, text = pair.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string; a user means the number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_config(path, sets=(), demo=False):
+    """Read the YAML config, apply the demo section (if demo) and then the --set pairs ('a.b=value')."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found (pass --config config.yaml from the repository)")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    demo_section = cfg.pop("demo", None) or {}
+    if demo:
+        for key, value in dotted_items(demo_section):
+            set_key(cfg, key, value)
+    for pair in sets:
+        set_key(cfg, *parse_set(pair))
+    return cfg
+
+
+def flatten_sets(groups):
+    """argparse gives --set a b --set c as [[a, b], [c]]."""
+    return [pair for group in (groups or []) for pair in group]
+
+
+def validate_config(cfg, demo=False):
+    """Fail in the first second on a mistake that would otherwise surface after minutes of loading."""
+    m, d, n, o, t = cfg["model"], cfg["data"], cfg["neco"], cfg["optim"], cfg["train"]
+    choices = {"neco.references": (n["references"], ("queue", "batch")),
+               "train.precision": (t["precision"], ("bf16", "fp32")),
+               "train.device": (t["device"], ("auto", "cpu", "cuda"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    if t["device"] == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device' is cuda but no GPU is visible (use auto or cpu)")
+    for key in ("epochs", "batch_size"):
+        if o[key] < 1:
+            raise ConfigError(f"config key 'optim.{key}' must be >= 1, got {o[key]}")
+    for key, size in (("global_size", d["global_size"]), ("local_size", d["local_size"])):
+        if size % 14:
+            raise ConfigError(f"config key 'data.{key}' must be a multiple of the patch size 14, got {size}")
+    if n["references"] == "queue" and n["queue_size"] < n["num_references"]:
+        raise ConfigError("config key 'neco.queue_size' must be at least neco.num_references")
+    if n["references"] == "batch" and n["num_references"] > n["roi_size"] ** 2:
+        raise ConfigError("config key 'neco.num_references' must be <= neco.roi_size^2 in batch mode")
+    try:  # the sort's own argument checks, on a tiny input
+        diff_sort(torch.zeros(1, n["num_references"]), n["sort_network"], n["sort_steepness"],
+                  n["sort_distribution"], n["sort_art_lambda"])
+    except ValueError as e:
+        raise ConfigError(f"config section 'neco': {e}")
+    root = Path(d["root"])
+    if not root.is_dir() and not demo:
+        raise ConfigError(f"data.root '{root}' is not a folder: point data.root at COCO train2017 (or any folder "
+                          f"of images), e.g. --set data.root=/data/coco/images/train2017, or run with --demo")
+    weights = m["weights"]
+    if weights not in (None, "hub") and not Path(weights).is_file():
+        raise ConfigError(f"model.weights '{weights}' is not a file: give a DINOv2 state_dict file, 'hub' for the "
+                          f"official checkpoint, or null for random initialisation")
+
+# -----------------------------------------------------------------------------
+# the networks: backbone + projection head, applied to every patch token
+
+
+class NeCoModel(nn.Module):
+    """Backbone + head; state_dict keys 'backbone.*' and 'head.*' (evaluate.py and model.py read them)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views):
+        """views: list of (B, 3, s, s) crops -> list of (B, s/14, s/14, out) projected patch maps.
+        Crops of the same size go through the backbone together (one call per size, as DINO's multi-crop wrapper)."""
+        outs = [None] * len(views)
+        for size in sorted({v.shape[-1] for v in views}, reverse=True):
+            idx = [i for i, v in enumerate(views) if v.shape[-1] == size]
+            x = torch.cat([views[i] for i in idx])  # (len(idx) * B, 3, s, s)
+            tokens = self.backbone.forward_features(x)["x_norm_patchtokens"]  # (len(idx) * B, N, D)
+            z = self.head(tokens)  # (len(idx) * B, N, out), unit norm
+            side = size // self.backbone.patch_size
+            for i, chunk in zip(idx, z.chunk(len(idx))):
+                outs[i] = chunk.unflatten(1, (side, side))  # (B, side, side, out)
+        return outs
+
+
+def build_models(cfg):
+    """Student and teacher start from the same weights; the teacher (backbone and head) is an exact copy that never
+    gets gradients. Only the student has stochastic depth."""
+    m = cfg["model"]
+    student_backbone = build_backbone(m["arch"], m["weights"], m["num_register_tokens"], m["drop_path_rate"])
+    teacher_backbone = build_backbone(m["arch"], None, m["num_register_tokens"], 0.0)
+    head = ProjectionHead(student_backbone.embed_dim, m["head_hidden"], m["head_out"], m["head_layers"])
+    student = NeCoModel(student_backbone, head)
+    teacher = NeCoModel(teacher_backbone, ProjectionHead(student_backbone.embed_dim, m["head_hidden"],
+                                                         m["head_out"], m["head_layers"]))
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    # DINOv2's mask_token is only used by iBOT masking, never here: a parameter without a gradient would stall
+    # DistributedDataParallel's gradient buckets, so it stays frozen (and unchanged in the checkpoint)
+    student.backbone.mask_token.requires_grad_(False)
+    return student, teacher
+
+
+# -----------------------------------------------------------------------------
+# the NeCo loss
+
+
+def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
+    """RoI-align teacher crop g and student crop v over their intersection -> (B, roi_size^2, out) each."""
+    B = boxes.shape[0]
+    roi_g, roi_v = crop_intersection_rois(boxes[:, g], boxes[:, v], maps_t[g].shape[1], maps_s[v].shape[1])
+    batch_idx = torch.arange(B, device=boxes.device, dtype=boxes.dtype)[:, None]
+    q_t = roi_align(maps_t[g].permute(0, 3, 1, 2), torch.cat([batch_idx, roi_g], 1), roi_size,
+                    spatial_scale=1.0, sampling_ratio=ROI_SAMPLING, aligned=True)  # (B, out, r, r)
+    q_s = roi_align(maps_s[v].permute(0, 3, 1, 2), torch.cat([batch_idx, roi_v], 1), roi_size,
+                    spatial_scale=1.0, sampling_ratio=ROI_SAMPLING, aligned=True)
+    return q_t.flatten(2).transpose(1, 2), q_s.flatten(2).transpose(1, 2)  # (B, r*r, out)
+
+
+ROI_SAMPLING = 2  # bilinear samples per output cell side in roi_align (data.py's correspondence test uses the same)
+
+
+def sort_cross_entropy(sim_s, sim_t, ncfg):
+    """sim_*: (R, n) similarities of R queries to n references. Sort both; cross-entropy of the student's relaxed
+    permutation matrices against the teacher's, summed over ranks, averaged over queries and references."""
+    kw = dict(network=ncfg["sort_network"], steepness=ncfg["sort_steepness"],
+              distribution=ncfg["sort_distribution"], art_lambda=ncfg["sort_art_lambda"])
+    with torch.no_grad():
+        _, P_t = diff_sort(sim_t, **kw)  # (R, n, n)
+    _, P_s = diff_sort(sim_s, **kw)
+    # P can hold exact zeros (logistic at high steepness underflows); clamping at the smallest normal float keeps
+    # log finite and leaves every entry that is not already denormal unchanged.
+    log_P_s = torch.log(P_s.clamp_min(torch.finfo(P_s.dtype).tiny))
+    return -(P_t * log_P_s).sum(-1).mean()
+
+
+def neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg):
+    """maps_t: 2 teacher maps (B, h, w, out); maps_s: V student maps; boxes (B, V, 4) in image pixels.
+    refs_for_pair(g, q_t) -> (B, n_ref, out) teacher reference patches for that pair.
+    Returns the mean over the 10 (g, v) pairs of the sort cross-entropy."""
+    sims_s, sims_t = [], []
+    for g in range(2):
+        for v in range(len(maps_s)):
+            if v == g:
+                continue
+            q_t, q_s = pair_queries(maps_t, maps_s, boxes, g, v, ncfg["roi_size"])  # (B, Q, out)
+            refs = F.normalize(refs_for_pair(g, q_t).float(), dim=-1)  # (B, n_ref, out)
+            sims_t.append(F.normalize(q_t.float(), dim=-1) @ refs.transpose(1, 2))  # (B, Q, n_ref) cosine
+            sims_s.append(F.normalize(q_s.float(), dim=-1) @ refs.transpose(1, 2))
+    # all pairs in one sort call: every pair has B*Q rows, so the mean over rows is the mean over pairs
+    n_ref = sims_s[0].shape[-1]
+    sim_s, sim_t = torch.cat(sims_s).reshape(-1, n_ref), torch.cat(sims_t).reshape(-1, n_ref)  # (10*B*Q, n_ref)
+    if not (torch.isfinite(sim_s).all() and torch.isfinite(sim_t).all()):
+        return sim_s.new_tensor(float("nan"))  # diverged features: the caller skips the step (diff_sort rejects NaN)
+    return sort_cross_entropy(sim_s, sim_t, ncfg)
+
+
+# -----------------------------------------------------------------------------
+# reference patches: a FIFO queue of teacher patches per global crop, or the batch itself
+
+
+class PatchQueue:
+    """queue[g] holds the latest teacher head embeddings of global crop g (FIFO). Only filled rows are sampled."""
+
+    def __init__(self, size, dim, device):
+        self.feats = torch.zeros(2, size, dim, device=device)
+        self.ptr = [0, 0]
+        self.filled = [0, 0]
+
+    def push(self, g, patches, count, gen):
+        """Write `count` random rows of patches (M, dim) at the pointer, wrapping around."""
+        size = self.feats.shape[1]
+        count = min(count, size, patches.shape[0])
+        pick = torch.randperm(patches.shape[0], generator=gen, device=gen.device)[:count].to(patches.device)
+        slots = (self.ptr[g] + torch.arange(count, device=patches.device)) % size
+        self.feats[g, slots] = patches[pick].float()
+        self.ptr[g] = (self.ptr[g] + count) % size
+        self.filled[g] = min(self.filled[g] + count, size)
+
+    def sample(self, g, shape, gen):
+        idx = torch.randint(0, self.filled[g], shape, generator=gen, device=gen.device).to(self.feats.device)
+        return self.feats[g, idx]
+
+    def state_dict(self):
+        return {"feats": self.feats.cpu(), "ptr": list(self.ptr), "filled": list(self.filled)}
+
+    def load_state_dict(self, state):
+        self.feats.copy_(state["feats"])
+        self.ptr, self.filled = list(state["ptr"]), list(state["filled"])
+
+
+def all_gather_cat(x):
+    """Concatenate x over ranks in rank order (identity without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def rank_slice(x, B):
+    """This rank's rows of a tensor drawn for the whole (global) batch: every rank draws the same random numbers
+    from the shared generator and keeps its part, so N ranks reproduce the single-process step exactly."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return x[rank * B:(rank + 1) * B]
+
+
+def make_reference_sampler(ncfg, queue, gen, B):
+    n_ref = ncfg["num_references"]
+
+    def from_queue(g, q_t):
+        global_B = B * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+        return rank_slice(queue.sample(g, (global_B, n_ref), gen), B)  # (B, n_ref, out)
+
+    def from_batch(g, q_t):
+        pool = all_gather_cat(q_t.detach()).flatten(0, 1)  # (global_B * Q, out): mostly other images' patches
+        global_B = pool.shape[0] // q_t.shape[1]
+        pick = torch.randperm(pool.shape[0], generator=gen, device=gen.device)[:global_B * n_ref]
+        return rank_slice(pool[pick.to(pool.device)].unflatten(0, (global_B, n_ref)), B)  # (B, n_ref, out)
+
+    return from_queue if ncfg["references"] == "queue" else from_batch
+
+
+# -----------------------------------------------------------------------------
+# optimizer and per-step schedules
+
+
+def param_groups(student, cfg):
+    """Four AdamW groups: backbone / head x decay / no decay (biases and 1-D parameters: norms, LayerScale)."""
+    o = cfg["optim"]
+    groups = []
+    for part, lr in (("backbone", o["lr_backbone"]), ("head", o["lr_head"])):
+        decay, no_decay = [], []
+        for name, p in getattr(student, part).named_parameters():
+            (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+        groups.append({"params": decay, "base_lr": lr, "apply_wd": True})
+        groups.append({"params": no_decay, "base_lr": lr, "apply_wd": False, "weight_decay": 0.0})
+    return groups
+
+
+def cosine(start, end, step, total):
+    """Cosine from start (step 0) to end (step total), per step."""
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def schedules(cfg, step, total):
+    o = cfg["optim"]
+    return {"lr_scale": cosine(1.0, 0.0, step, total),
+            "wd": cosine(o["weight_decay"], o["weight_decay_end"], step, total),
+            "momentum": cosine(o["momentum_teacher"], o["momentum_teacher_end"], step, total)}
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher = m * teacher + (1 - m) * student, every parameter (backbone and head)."""
+    t_params = list(teacher.parameters())
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: everything needed to continue bit for bit, written atomically
+
+
+def rng_state(gen):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": np_state_to_tensor(), "shared": gen.get_state()}
+
+
+def np_state_to_tensor():
+    # numpy's state tuple holds an ndarray: store plain types so the file loads with weights_only=True
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def set_rng_state(state, gen):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    s = state["numpy"]
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+    gen.set_state(state["shared"])
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file in the same folder, then rename: a kill mid-write never corrupts last.pt."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint '{path}' cannot be read ({type(e).__name__}); move it away to start afresh")
+
+
+def check_same_run(ckpt_cfg, cfg, path):
+    for key in ("arch", "num_register_tokens", "head_hidden", "head_out", "head_layers"):
+        if ckpt_cfg["model"][key] != cfg["model"][key]:
+            raise ConfigError(f"'{path}' holds a run with model.{key}={ckpt_cfg['model'][key]!r}, not "
+                              f"{cfg['model'][key]!r}: choose another out_dir or move the checkpoint away")
+
+
+def trim_log(log_path, step):
+    """Drop log lines of steps after the checkpoint: they are recomputed after a resume."""
+    if log_path.is_file():
+        lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        log_path.write_text("".join(ln + "\n" for ln in lines))
+
+
+# -----------------------------------------------------------------------------
+# data: the batch order is a function of (seed, epoch) and each sample's crops of (seed, epoch, index), so a resumed
+# run sees exactly the batches an uninterrupted one would
+
+
+def epoch_batches(n_images, batch, epoch, seed, start, rank, world):
+    """Index lists of this rank's share of each global batch of the epoch, from batch `start` on (drop last)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_images, generator=g).tolist()
+    per_rank = batch // world
+    return [order[b * batch + rank * per_rank: b * batch + (rank + 1) * per_rank]
+            for b in range(start, n_images // batch)]
+
+
+def make_loader(dataset, batches, cfg, device):
+    workers = cfg["data"]["num_workers"]
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate_multicrop, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
+        generator=torch.Generator())  # its own generator: the loader never draws from the global RNG
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def setup_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single-process run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def pick_device(cfg):
+    want = cfg["train"]["device"]
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def train(cfg, demo=False):
+    rank, world = setup_distributed()
+    is_main = rank == 0
+    o, ncfg, d = cfg["optim"], cfg["neco"], cfg["data"]
+    if o["batch_size"] % world:
+        raise ConfigError(f"optim.batch_size {o['batch_size']} must be divisible by the {world} processes")
+    device = pick_device(cfg)
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    out_dir = Path(cfg["out_dir"])
+    ckpt_path, log_path = out_dir / "last.pt", out_dir / "log.jsonl"
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    if demo and not Path(d["root"]).is_dir():
+        make_synthetic_voc()  # the synthetic scenes of data.py, in data/synthetic/
+    transform = MultiCrop(d["global_size"], d["local_size"], tuple(d["global_scale"]), tuple(d["local_scale"]),
+                          d["n_local"], tuple(d["min_overlap"]))
+    dataset = TrainImages(d["root"], transform, seed=cfg["seed"])
+    iters_per_epoch = len(dataset) // o["batch_size"]
+    if iters_per_epoch == 0:
+        raise ConfigError(f"data.root '{d['root']}' has {len(dataset)} images, fewer than optim.batch_size "
+                          f"{o['batch_size']}")
+    total_steps = o["epochs"] * iters_per_epoch
+    stop_step = min(total_steps, cfg["train"]["max_steps"] or total_steps)
+
+    try:
+        student, teacher = build_models(cfg)
+    except (ValueError, RuntimeError) as e:  # unknown arch, checkpoint keys that do not match the arch
+        raise ConfigError(f"model: {e}")
+    student.to(device).train()
+    teacher.to(device).eval()
+    student.backbone.grad_checkpointing = cfg["train"]["grad_checkpointing"]
+    use_cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), lr=o["lr_backbone"], betas=tuple(o["betas"]),
+                                  weight_decay=o["weight_decay"], fused=use_cuda and cfg["train"]["fused_adamw"])
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # queue and reference draws, same on all ranks
+    queue = PatchQueue(ncfg["queue_size"], cfg["model"]["head_out"], device)
+
+    step, skipped_images, bad_steps, bad_in_a_row, elapsed = 0, 0, 0, 0, 0.0
+    if ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        check_same_run(ckpt["config"], cfg, ckpt_path)
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        queue.load_state_dict(ckpt["queue"])
+        set_rng_state(ckpt["rng"], gen)
+        step, skipped_images, bad_steps = ckpt["step"], ckpt["skipped_images"], ckpt["bad_steps"]
+        elapsed = ckpt["elapsed_s"]
+        if is_main:
+            trim_log(log_path, step)
+            print(f"resuming from {ckpt_path} at step {step}/{total_steps}")
+
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if use_cuda else None)
+    if cfg["train"]["compile"] and use_cuda:
+        student.backbone.compile()
+        teacher.backbone.compile()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=use_cuda and cfg["train"]["precision"] == "bf16")
+    refs_for_pair = make_reference_sampler(ncfg, queue, gen, o["batch_size"] // world)
+
+    def checkpoint():
+        if is_main:
+            save_checkpoint(ckpt_path, {
+                "student": student.state_dict(), "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(), "queue": queue.state_dict(), "rng": rng_state(gen),
+                "step": step, "config": cfg, "skipped_images": skipped_images, "bad_steps": bad_steps,
+                "elapsed_s": elapsed})
+
+    bar = tqdm(total=stop_step, initial=step, disable=not is_main, dynamic_ncols=True, desc="neco")
+    log = open(log_path, "a") if is_main else None
+    t_last, losses = time.time(), []
+    while step < stop_step:
+        epoch, start = divmod(step, iters_per_epoch)
+        dataset.set_epoch(epoch)
+        batches = epoch_batches(len(dataset), o["batch_size"], epoch, cfg["seed"], start, rank, world)
+        batches = batches[:stop_step - step]
+        for crops, boxes, n_skipped in make_loader(dataset, batches, cfg, device):
+            skipped_images += n_skipped
+            sched = schedules(cfg, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * sched["lr_scale"]
+                if group["apply_wd"]:
+                    group["weight_decay"] = sched["wd"]
+            loss = None
+            if crops is not None:
+                crops = [c.to(device, non_blocking=True) for c in crops]
+                boxes = boxes.to(device, non_blocking=True)
+                loss = train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair,
+                                  cfg, autocast, sched["momentum"])
+            if loss is None:
+                bad_steps += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= cfg["train"]["max_bad_steps"]:
+                    checkpoint()
+                    raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or no readable image "
+                                       f"(step {step}); lower the learning rate or check data.root, then re-run")
+            else:
+                bad_in_a_row = 0
+                losses.append(loss)
+            step += 1
+            now = time.time()
+            elapsed += now - t_last
+            img_per_s = o["batch_size"] / max(now - t_last, 1e-9)
+            t_last = now
+            if is_main:
+                lr = o["lr_backbone"] * sched["lr_scale"]
+                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "lr_head":
+                                      o["lr_head"] * sched["lr_scale"], "wd": sched["wd"],
+                                      "momentum": sched["momentum"], "img_per_s": round(img_per_s, 2),
+                                      "skipped_images": skipped_images, "bad_steps": bad_steps}) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
+                                img_s=f"{img_per_s:.1f}")
+                bar.update(1)
+            if step % cfg["train"]["ckpt_every"] == 0 or step == stop_step:
+                checkpoint()
+    bar.close()
+    if is_main:
+        log.close()
+        first = sum(losses[:5]) / max(len(losses[:5]), 1) if losses else float("nan")
+        last = sum(losses[-5:]) / max(len(losses[-5:]), 1) if losses else float("nan")
+        print(f"done: step {step}/{total_steps}, loss {first:.4f} -> {last:.4f} (first/last 5 steps of this "
+              f"session), {elapsed / 60:.1f} min, {skipped_images} unreadable images skipped, {bad_steps} steps "
+              f"skipped; checkpoint {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
+    return step
+
+
+def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
+               momentum):
+    """One NeCo step. Returns the loss as a float, or None when it was not finite (the step is skipped)."""
+    ncfg = cfg["neco"]
+    with torch.no_grad(), autocast:
+        maps_t = teacher(crops[:2])  # 2 x (B, h, w, out): the teacher sees the global crops only
+    if ncfg["references"] == "queue":
+        for g in range(2):  # push this step's teacher patches before drawing references (method.md)
+            patches = all_gather_cat(maps_t[g].flatten(0, 2))  # (global_B * h * w, out)
+            global_B = patches.shape[0] // (maps_t[g].shape[1] * maps_t[g].shape[2])
+            queue.push(g, patches, 10 * global_B, gen)
+    with autocast:
+        maps_s = model(crops)  # V x (B, h_v, w_v, out): the student sees every crop
+    loss = neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg)
+    finite = torch.isfinite(loss).float()
+    if dist.is_available() and dist.is_initialized():  # every rank skips together, or DDP would hang
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg["optim"]["clip_grad"] > 0:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["optim"]["clip_grad"])
+    optimizer.step()
+    ema_update(teacher, student, momentum)
+    return loss.item()
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="NeCo post-training of a DINOv2 backbone (resumes from <out_dir>/last.pt)")
+    p.add_argument("--config", default="config.yaml", help="the YAML config (default: config.yaml)")
+    p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set optim.epochs=1 data.root=/data/coco/images/train2017")
+    p.add_argument("--demo", action="store_true",
+                   help="offline demo: tiny backbone from random weights on synthetic scenes, CPU, ~3 minutes")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, flatten_sets(args.set), demo=args.demo)
+        validate_config(cfg, demo=args.demo)
+        train(cfg, demo=args.demo)
+    except (ConfigError, FileNotFoundError, TrainingStopped) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
