@@ -4,16 +4,18 @@ Differentiable sorting networks (Petersen et al., ICML 2021 / ICLR 2022), as use
     x_sorted, P = diff_sort(x, network="bitonic", steepness=100.0)   # x: (rows, n)
     # x_sorted[r, k] = sum_i x[r, i] * P[r, i, k]; P is doubly stochastic, sorted ascending.
 
-The numbers are those of the `diffsort` 0.2.0 package (float32 P bit for bit), but a layer here is a mix of
-wire pairs instead of dense selection-matrix products, and backward keeps only x and the per-layer
-comparator coefficients alpha (rows x layers x n/2 numbers) instead of every layer's (rows, n, n) tensors.
-
-How it runs: each input element's trajectory over the wires (a row of P) evolves independently, so we push a
-block of rows through ALL layers while its state is still in cache, then move on to the next block. Streaming
-the whole batch through memory once per layer is memory-bound on a CPU; block-by-block is several times faster
-and gives the same numbers. Backward recomputes a block's forward (from the saved alphas, no comparisons
-needed), keeps that block's per-layer states, and walks the layers in reverse. Only elementwise ops and
-last-dim sums: deterministic on CPU and CUDA. This file imports only torch; copy it into your project.
+The numbers of the `diffsort` 0.2.0 package, which NeCo's public code used (float32 to the bit, up to
+subnormals), but a layer is a mix of wire pairs instead of dense selection-matrix products, and backward keeps
+only x and the comparator coefficients alpha (layers x wires/2 x rows numbers) instead of every layer's
+(rows, n, n) tensors. How it runs:
+1. The values alone decide every alpha, so they go through the network first, all rows at once.
+2. P follows from the alphas by linear mixing, one block of rows through ALL layers at a time, while the block
+   is in cache: streaming the whole batch through memory once per layer is memory-bound on a CPU. Rows are the
+   last, contiguous dim of a block's state, so every op is a long vectorised loop. In a bitonic network the
+   wires only mix inside groups of 2^(b+1) during block b of the network, so the state is kept per group
+   ("stages"), about half the work of a dense (wires, wires) state.
+3. Backward replays the values from the saved alphas, then each block's states, and walks the layers back.
+Only elementwise ops and sums over a dim: deterministic on CPU and CUDA. Imports only torch: copy this file.
 """
 
 import math
@@ -25,85 +27,111 @@ import torch.nn as nn
 NETWORKS = ("bitonic", "odd_even")
 DISTRIBUTIONS = ("cauchy", "logistic", "logistic_phi", "gaussian", "reciprocal", "optimal")
 
-# bytes of one block's state (rows, wires, n + 1): ~L2-sized on a CPU, large on a GPU to fill the device
-CPU_BLOCK_BYTES = 1 << 19
-CUDA_BLOCK_BYTES = 1 << 25
+# Bytes of a block's largest state (wires, wires, rows). CPU: 2 MiB measured fastest on 2 cores with 2 MiB of L2
+# each (every op is split over both). GPU: larger, a block has to fill the device (untested: no GPU here).
+# Rows per block are a multiple of 64 and at least 64, see block_rows.
+CPU_BLOCK_BYTES = 1 << 21
+CUDA_BLOCK_BYTES = 1 << 24
 
 # -----------------------------------------------------------------------------
 # network layouts
 
 
 class Layer:
-    """One layer of disjoint comparators, laid out so that the wires [start, start + 2*C*m) reshape to (C, 2, m):
-    chunk c compares wire start + 2mc + j (slot a) with wire start + 2mc + m + j (slot b), for j < m.
-    Wires outside that range pass through unchanged."""
+    """Disjoint comparators inside every group of a stage: the group's wires [start, start + 2*chunks*m) reshape
+    to (chunks, 2, m), and chunk c compares slot a (wire start + 2mc + j) with slot b (wire start + 2mc + m + j),
+    j < m. Wires of the group outside that range pass through unchanged."""
 
     def __init__(self, start, chunks, m, descending=None, fixed=None):
         self.start, self.chunks, self.m = start, chunks, m
         self.stop = start + 2 * chunks * m
-        self.size = chunks * m                # comparators in this layer
-        self.descending = descending          # (C, 1) bool or None: min goes to slot b, max to slot a
-        self.fixed = fixed                    # (C, m) bool or None: comparators touching a dummy wire (no-ops)
-        self.fixed_alpha = None               # (C, m): alpha that makes a no-op (1 ascending, 0 descending)
+        self.descending = descending   # (groups, 1, 1, 1) bool or None: the min goes to slot b, the max to slot a
+        self.fixed = fixed             # (groups, chunks, m, 1) bool or None: comparators that touch a dummy wire
+        self.fixed_alpha = None        # alpha that makes those a no-op: 1 if ascending, 0 if descending
         if fixed is not None:
-            # float32 so that torch.where promotes it to alpha's dtype (float32 or float64) exactly
-            asc = torch.ones(chunks, 1) if descending is None else (~descending).float()
-            self.fixed_alpha = asc.expand(chunks, m).clone()
+            ascending = torch.ones(1, 1, 1, 1) if descending is None else (~descending).float()
+            # float32 so that torch.where promotes it exactly to alpha's dtype (float32 or float64)
+            self.fixed_alpha = ascending.expand(fixed.shape).contiguous()
 
     def to(self, device):
         moved = Layer(self.start, self.chunks, self.m)
-        moved.descending = None if self.descending is None else self.descending.to(device)
-        moved.fixed = None if self.fixed is None else self.fixed.to(device)
-        moved.fixed_alpha = None if self.fixed_alpha is None else self.fixed_alpha.to(device)
+        for name in ("descending", "fixed", "fixed_alpha"):
+            value = getattr(self, name)
+            setattr(moved, name, None if value is None else value.to(device))
         return moved
 
 
-def bitonic_layers(n):
-    """Bitonic network on N = 2^ceil(log2 n) wires; real wire i sits at padded position i + N - n, the first
-    N - n positions are dummy wires, and a comparator touching a dummy wire changes nothing. Returns (N, layers)."""
+class Stage:
+    """Consecutive layers during which wires mix only inside `groups` groups of `size` consecutive wires, so that
+    the weights of a block of B rows fit in (groups, size, size, B). Inputs below `first_input` are dummies."""
+
+    def __init__(self, groups, size, layers, first_input=0):
+        self.groups, self.size, self.layers, self.first_input = groups, size, layers, first_input
+
+    def to(self, device):
+        return Stage(self.groups, self.size, [layer.to(device) for layer in self.layers], self.first_input)
+
+
+def bitonic_stages(n):
+    """Bitonic network on N = 2^ceil(log2 n) wires: block b = 0..log2(N)-1 has layers l = 0..b comparing wires
+    (s+j, s+j+m), m = 2^(b-l), descending when (s+j) // 2^(b+1) is odd. Real wire i sits at padded position
+    i + N - n; the first N - n positions are dummy wires, and a comparator touching one changes nothing.
+    Block b is one stage with groups of 2^(b+1) wires, so the direction is that of the group. Returns (N, stages).
+    With this padding (diffsort's) the hard network fails to sort some inputs for some n (22, 38, 42-46, 54, 70,
+    ...; measured on random permutations); powers of two and NeCo's n = 49 sort. Kept: it is what NeCo trained on."""
     blocks = max(1, math.ceil(math.log2(n)))
     wires = 2 ** blocks
     pad = wires - n
-    layers = []
+    stages = []
     for b in range(blocks):
+        size = 2 ** (b + 1)
+        groups = wires // size
+        descending = (torch.arange(groups) % 2 == 1).view(groups, 1, 1, 1)
+        layers = []
         for l in range(b + 1):
             m = 2 ** (b - l)
-            chunks = wires // (2 * m)
-            first = torch.arange(chunks) * 2 * m                   # (C,) first wire of each chunk
-            # the direction is constant inside a chunk because 2m divides 2^(b+1)
-            descending = ((first // 2 ** (b + 1)) % 2 == 1).unsqueeze(1)
-            # slot a is the lower wire, so a comparator touches a dummy iff its slot a does
-            fixed = (first.unsqueeze(1) + torch.arange(m)) < pad  # (C, m)
+            chunks = size // (2 * m)
+            wire_a = (torch.arange(groups).view(-1, 1, 1) * size + torch.arange(chunks).view(1, -1, 1) * 2 * m
+                      + torch.arange(m))                            # (groups, chunks, m): slot a, the lower wire
+            fixed = (wire_a < pad).unsqueeze(-1)                    # slot a is a dummy iff the comparator touches one
             layers.append(Layer(0, chunks, m, descending if descending.any() else None,
                                 fixed if fixed.any() else None))
-    return wires, layers
+        stages.append(Stage(groups, size, layers, first_input=pad if groups == 1 else 0))
+    return wires, stages
 
 
-def odd_even_layers(n):
-    """Odd-even transposition network: n layers; layer t compares (0,1), (2,3), ... for even t and (1,2),
-    (3,4), ... for odd t, all ascending. Returns (n, layers)."""
-    return n, [Layer(t % 2, (n - t % 2) // 2, 1) for t in range(n)]
+def odd_even_stages(n):
+    """Odd-even transposition network: n layers, layer t compares (0,1), (2,3), ... for even t and (1,2),
+    (3,4), ... for odd t, all ascending. One stage with one group. Returns (n, stages)."""
+    return n, [Stage(1, n, [Layer(t % 2, (n - t % 2) // 2, 1) for t in range(n)])]
+
+
+def build_layout(n, network):
+    if network == "bitonic":
+        return bitonic_stages(n)
+    if network == "odd_even":
+        return odd_even_stages(n)
+    raise ValueError(f"unknown sorting network {network!r}; use one of {NETWORKS}")
 
 
 @lru_cache(maxsize=64)
 def network_layout(n, network, device):
-    """(wires, layers) for a network on n inputs, with its masks on `device` (cached)."""
-    if network == "bitonic":
-        wires, layers = bitonic_layers(n)
-    elif network == "odd_even":
-        wires, layers = odd_even_layers(n)
-    else:
-        raise ValueError(f"unknown sorting network {network!r}; use one of {NETWORKS}")
-    return wires, [layer.to(device) for layer in layers]
+    """(wires, stages) for a network on n inputs, with its masks on `device` (cached)."""
+    wires, stages = build_layout(n, network)
+    return wires, [stage.to(device) for stage in stages]
 
 
 # -----------------------------------------------------------------------------
-# one relaxed comparator: alpha = F(steepness * (x_b - x_a)) and its derivative
-# (the op order follows diffsort's so that float32 results agree bit for bit)
+# one relaxed comparator: alpha = F(steepness * (x_b - x_a)) and its derivative.
+# The op order follows diffsort's, so float32 alphas agree to the bit. That also needs every element on torch's
+# vectorised path: a CPU kernel computes the last (numel mod 2 * vector width) elements of its range with scalar
+# exp / atan / pow, which differ by an ulp, and the steepness turns an ulp in x into ~1e-6 in P after many
+# layers. Our value tensors have a multiple of 64 columns, so there is no such tail (unless many threads split
+# a kernel at odd places; diffsort has the same limits).
 
 
 def comparator_alpha(d, distribution, steepness, art_lambda):
-    """alpha for d = x_b - x_a (any shape): the weight of x_a in the min (ascending comparator)."""
+    """alpha for d = x_b - x_a (any shape): the weight of x_a in the min of an ascending comparator."""
     if distribution == "cauchy":
         return torch.atan(d * steepness) * (1 / math.pi) + 0.5
     if distribution == "logistic":
@@ -124,17 +152,16 @@ def comparator_alpha(d, distribution, steepness, art_lambda):
 
 
 def comparator_alpha_grad(d, alpha, distribution, steepness, art_lambda):
-    """d alpha / d d, elementwise (alpha is comparator_alpha(d), passed in to save work)."""
+    """d alpha / d d, elementwise; alpha = comparator_alpha(d) is passed in to save work."""
     if distribution == "cauchy":
         v = d * steepness
         return steepness / math.pi / (1 + v * v)
     if distribution == "logistic":
         return steepness * alpha * (1 - alpha)
     if distribution == "logistic_phi":
-        # v = s d (|d| + eps)^-lambda  =>  dv/dd = s (|d| + eps)^-lambda (1 - lambda |d| / (|d| + eps))
+        # v = s d (|d| + eps)^-lambda, so dv/dd = s (|d| + eps)^-lambda (1 - lambda |d| / (|d| + eps))
         r = d.abs() + 1e-10
-        dv = steepness * r.pow(-art_lambda) * (1 - art_lambda * d.abs() / r)
-        return alpha * (1 - alpha) * dv
+        return alpha * (1 - alpha) * steepness * r.pow(-art_lambda) * (1 - art_lambda * d.abs() / r)
     if distribution == "gaussian":
         v = d * steepness
         return steepness / math.sqrt(2 * math.pi) * torch.exp(-0.5 * v * v)
@@ -147,165 +174,320 @@ def comparator_alpha_grad(d, alpha, distribution, steepness, art_lambda):
 
 
 # -----------------------------------------------------------------------------
-# the block kernels. A block's state q is (B, wires, n + 1): q[r, w, i] for i < n is the weight of input i on
-# wire w (= P[r, i, w] transposed, so the contiguous dim is the inputs) and q[r, w, n] is the value on wire w.
-# Mixing the value with the same coefficients as the weights gives x_sorted and P in one pass.
-
-
-def pair_views(q, layer):
-    """Slot-a and slot-b views of q's wires (dim 1): (B, wires, ...) -> two (B, C, m, ...)."""
-    pairs = q[:, layer.start:layer.stop].unflatten(1, (layer.chunks, 2, layer.m))
-    return pairs[:, :, 0], pairs[:, :, 1]
+# the mix of a layer: out_a = ca*in_a + cb*in_b, out_b = cb*in_a + ca*in_b on every compared pair
 
 
 def mix_coefficients(alpha, layer):
-    """(ca, cb), each (B, C, m): out_a = ca*in_a + cb*in_b and out_b = cb*in_a + ca*in_b. An ascending
-    comparator puts the min (alpha*x_a + (1-alpha)*x_b) on a; a descending one puts it on b."""
+    """(ca, cb) from alpha, same shape. An ascending comparator puts the min, alpha*x_a + (1-alpha)*x_b, on slot a
+    and the max on slot b; a descending one the other way round."""
     one_minus = 1 - alpha
     if layer.descending is None:
         return alpha, one_minus
     return torch.where(layer.descending, one_minus, alpha), torch.where(layer.descending, alpha, one_minus)
 
 
-def mix_layer(src, dst, layer, ca, cb, tmp):
-    """dst = the layer applied to src, both (B, wires, n + 1). Products and sums are rounded separately (no fused
-    multiply-add) so that the result is diffsort's to the bit and tiny weights keep their relative precision."""
-    a_in, b_in = pair_views(src, layer)
-    a_out, b_out = pair_views(dst, layer)
-    ca, cb = ca.unsqueeze(-1), cb.unsqueeze(-1)            # (B, C, m, 1): broadcast over the n + 1 columns
-    tmp = tmp[:a_in.numel()].view(a_in.shape)
+def mix_pairs(a_in, b_in, a_out, b_out, ca, cb, tmp):
+    """Products and sums rounded separately, as in diffsort, so that values and weights stay the same to the
+    bit. (A fused multiply-add is 1.7x faster on the weights but drifts up to 1.2e-6 from diffsort's P over the
+    64 layers of an odd-even network; the values must stay exact: every later alpha depends on them.)"""
     torch.mul(a_in, ca, out=a_out)
     torch.mul(b_in, cb, out=tmp)
     a_out.add_(tmp)
     torch.mul(a_in, cb, out=b_out)
     torch.mul(b_in, ca, out=tmp)
     b_out.add_(tmp)
-    if layer.start > 0:                                      # pass-through wires (odd_even only)
-        dst[:, :layer.start] = src[:, :layer.start]
-    if layer.stop < src.shape[1]:
-        dst[:, layer.stop:] = src[:, layer.stop:]
 
 
-def initial_state(x, wires):
-    """(B, n) -> (B, wires, n + 1): identity weights on the real wires (the last n), values in the last column."""
-    B, n = x.shape
-    q = x.new_zeros(B, wires, n + 1)
-    q[:, wires - n:, :n] = torch.eye(n, dtype=x.dtype, device=x.device)
-    q[:, wires - n:, n] = x
-    return q
+def mix_pairs_backward(g_a, g_b, cb, g_diff):
+    """The transposed mix, in place on the gradients w.r.t. the outputs. The mix is the symmetric matrix
+    [[ca, cb], [cb, ca]] and ca + cb = 1, so g_a -> ca g_a + cb g_b = g_a - cb (g_a - g_b) and g_b -> g_b + cb
+    (g_a - g_b), where g_diff holds g_a - g_b."""
+    g_a.addcmul_(g_diff, cb, value=-1)
+    g_b.addcmul_(g_diff, cb)
 
 
-def block_rows(x, wires):
-    """Rows per block: one block's state stays around CPU_BLOCK_BYTES (L2-sized) on a CPU."""
-    budget = CUDA_BLOCK_BYTES if x.is_cuda else CPU_BLOCK_BYTES
-    return max(1, budget // (wires * (x.shape[1] + 1) * x.element_size()))
+def copy_pass_through(src, dst, stage, layer, dim):
+    """Wires of a group outside [layer.start, layer.stop), along `dim`, keep their content. Only odd_even layers
+    have such wires, and the odd_even network is a single group, so `dim` may index all wires."""
+    if layer.start > 0:
+        dst.narrow(dim, 0, layer.start).copy_(src.narrow(dim, 0, layer.start))
+    if layer.stop < stage.size:
+        rest = stage.size - layer.stop
+        dst.narrow(dim, layer.stop, rest).copy_(src.narrow(dim, layer.stop, rest))
+
+
+# -----------------------------------------------------------------------------
+# the values (wires, R): all rows at once. They alone decide every alpha; the weights (P) just follow.
+
+
+def value_pairs(values, stage, layer):
+    """Slot-a and slot-b views of values (wires, R), each (G, chunks, m, R)."""
+    pairs = values.view(stage.groups, stage.size, -1)[:, layer.start:layer.stop]
+    pairs = pairs.unflatten(1, (layer.chunks, 2, layer.m))
+    return pairs[:, :, 0], pairs[:, :, 1]
+
+
+def per_layer(packed, layers):
+    """Each layer's part of a (layers, comparators, R) tensor (alphas, their gradients), viewed (G, chunks, m, R)."""
+    R = packed.shape[2]
+    return [packed[t, :stage.groups * layer.chunks * layer.m].view(stage.groups, layer.chunks, layer.m, R)
+            for t, (stage, layer) in enumerate(layers)]
+
+
+def sort_values(values, layers, alphas, distribution, steepness, art_lambda):
+    """Run values (wires, R) through the network, filling alphas (layers, comparators, R) on the way. Returns the
+    sorted values and every layer's (ca, cb), each (G, chunks, m, R)."""
+    nxt, tmp = torch.empty_like(values), torch.empty_like(alphas[0]).view(-1)
+    coefficients = []
+    for (stage, layer), alpha in zip(layers, per_layer(alphas, layers)):
+        a_in, b_in = value_pairs(values, stage, layer)
+        torch.sub(b_in, a_in, out=alpha)                      # d = x_b - x_a
+        new_alpha = comparator_alpha(alpha, distribution, steepness, art_lambda)
+        if layer.fixed is not None:
+            new_alpha = torch.where(layer.fixed, layer.fixed_alpha, new_alpha)
+        alpha.copy_(new_alpha)
+        coefficients.append(mix_coefficients(alpha, layer))
+        mix_pairs(a_in, b_in, *value_pairs(nxt, stage, layer), *coefficients[-1], tmp[:alpha.numel()].view_as(alpha))
+        copy_pass_through(values, nxt, stage, layer, 0)
+        values, nxt = nxt, values
+    return values, coefficients
+
+
+def replay_values(values, layers, alphas):
+    """The values entering each layer, (layers, wires, R), from the saved alphas; and every layer's (ca, cb)."""
+    inputs = values.new_empty(len(layers), *values.shape)
+    inputs[0] = values
+    tmp = torch.empty_like(alphas[0]).view(-1)
+    coefficients = []
+    for t, ((stage, layer), alpha) in enumerate(zip(layers, per_layer(alphas, layers))):
+        coefficients.append(mix_coefficients(alpha, layer))
+        if t + 1 < len(layers):
+            mix_pairs(*value_pairs(inputs[t], stage, layer), *value_pairs(inputs[t + 1], stage, layer),
+                      *coefficients[-1], tmp[:alpha.numel()].view_as(alpha))
+            copy_pass_through(inputs[t], inputs[t + 1], stage, layer, 0)
+    return inputs, coefficients
+
+
+def values_backward(inputs, layers, alphas, coefficients, g_alphas, g_values, distribution, steepness, art_lambda):
+    """Turn g_values (wires, R), the gradient w.r.t. the sorted values, into that w.r.t. the input values, in
+    place. g_alphas (a (G, chunks, m, R) tensor per layer) hold dL/dca - dL/dcb from the weights on entry."""
+    tmp = torch.empty_like(alphas[0]).view(-1)
+    alphas = per_layer(alphas, layers)
+    for t in reversed(range(len(layers))):
+        stage, layer = layers[t]
+        alpha, g = alphas[t], g_alphas[t]
+        a_in, b_in = value_pairs(inputs[t], stage, layer)
+        g_a, g_b = value_pairs(g_values, stage, layer)
+        g_diff = torch.sub(g_a, g_b, out=tmp[:alpha.numel()].view_as(alpha))
+        g = g + g_diff * (a_in - b_in)                        # the values' own share of dL/dca - dL/dcb
+        if layer.descending is not None:                      # there ca = 1 - alpha
+            g = torch.where(layer.descending, -g, g)
+        if layer.fixed is not None:                           # a constant alpha
+            g = g.masked_fill(layer.fixed, 0)
+        g_d = g * comparator_alpha_grad(b_in - a_in, alpha, distribution, steepness, art_lambda)
+        mix_pairs_backward(g_a, g_b, coefficients[t][1], g_diff)
+        g_a.sub_(g_d)                                         # alpha depends on d = x_b - x_a
+        g_b.add_(g_d)
+    return g_values
+
+
+# -----------------------------------------------------------------------------
+# the weights, block by block. A block's state in a stage is (G, g, g, B): state[k, i, w, r] is the weight of
+# input k*g + i on wire k*g + w for row r (P transposed, rows last so that every op is a long vectorised loop).
+
+
+def weight_pairs(state, stage, layer):
+    """Slot-a and slot-b views of a state (G, g, g, B), each (G, I, chunks, m, B), I = the inputs that matter."""
+    pairs = state[:, stage.first_input:, layer.start:layer.stop].unflatten(2, (layer.chunks, 2, layer.m))
+    return pairs[:, :, :, 0], pairs[:, :, :, 1]
+
+
+def identity_state(stage, B, like):
+    """The first stage's state before any layer: every input on its own wire."""
+    eye = torch.eye(stage.size, dtype=like.dtype, device=like.device)
+    return eye.expand(stage.groups, stage.size, stage.size).unsqueeze(-1).expand(-1, -1, -1, B)
+
+
+def regroup(old, new):
+    """The next stage's state (G/2, 2g, 2g, B) from (G, g, g, B): groups 2k and 2k + 1 become the diagonal blocks
+    of group k (no input has crossed to the other group's wires yet)."""
+    g = old.shape[2]
+    pairs = old.unflatten(0, (-1, 2))                         # (G/2, 2, g, g, B)
+    new[:, :g, :g] = pairs[:, 0]
+    new[:, :g, g:] = 0
+    new[:, g:, :g] = 0
+    new[:, g:, g:] = pairs[:, 1]
+
+
+def ungroup(new, old):
+    """The transpose of regroup: the gradient w.r.t. the previous stage's state from that w.r.t. the next one."""
+    g = old.shape[2]
+    pairs = old.unflatten(0, (-1, 2))
+    pairs[:, 0] = new[:, :g, :g]
+    pairs[:, 1] = new[:, g:, g:]
+
+
+def block_rows(rows, wires, itemsize, device):
+    """Rows per block: a multiple of 64 (so that no kernel has a scalar tail, see comparator_alpha), the largest
+    state (wires, wires, B) near the device's block budget, and the rows split evenly over the blocks."""
+    budget = CUDA_BLOCK_BYTES if device.type == "cuda" else CPU_BLOCK_BYTES
+    most = max(64, budget // (wires * wires * itemsize) // 64 * 64)
+    blocks = max(1, -(-rows // most))
+    return max(64, -(-rows // blocks // 64) * 64)
+
+
+def scratch(stages, B, like):
+    """A buffer for the largest (G, I, chunks, m, B) half of any layer's state."""
+    return like.new_empty(max(s.groups * (s.size - s.first_input) * s.size // 2 * B for s in stages))
+
+
+class WeightStep:
+    """One layer from buffer src to buffer dst, both (G, g, g, B). The views are made once per call and serve
+    every block: slicing tensors costs about as much Python time as the arithmetic on a block."""
+
+    def __init__(self, stage, layer, src, dst, tmp, adjoint=None, tmp_b=None):
+        self.stage, self.layer, self.src, self.dst = stage, layer, src, dst
+        self.a_in, self.b_in = weight_pairs(src, stage, layer)
+        self.a_out, self.b_out = weight_pairs(dst, stage, layer)
+        self.tmp = tmp[:self.a_in.numel()].view(self.a_in.shape)
+        if adjoint is not None:                               # backward: the gradient w.r.t. the layer's output
+            self.g_a, self.g_b = weight_pairs(adjoint, stage, layer)
+            self.tmp_b = tmp_b[:self.a_in.numel()].view(self.a_in.shape)
+
+    def forward(self, ca, cb):
+        mix_pairs(self.a_in, self.b_in, self.a_out, self.b_out, ca, cb, self.tmp)
+        copy_pass_through(self.src, self.dst, self.stage, self.layer, 2)
+
+    def backward(self, cb, g_alpha):
+        """Write dL/dca - dL/dcb = sum over inputs of (g_a - g_b)(in_a - in_b) into g_alpha (G, chunks, m, B),
+        then turn the adjoint into the gradient w.r.t. the layer's input."""
+        g_diff = torch.sub(self.g_a, self.g_b, out=self.tmp)
+        in_diff = torch.sub(self.a_in, self.b_in, out=self.tmp_b)
+        torch.sum(in_diff.mul_(g_diff), dim=1, out=g_alpha)
+        mix_pairs_backward(self.g_a, self.g_b, cb, g_diff)
+
+
+def block_slices(coefficients, r0, B):
+    """Every layer's (ca, cb) for rows r0:r0+B, shaped to broadcast over the inputs: (G, 1, chunks, m, B)."""
+    return [(ca.narrow(-1, r0, B), cb.narrow(-1, r0, B)) for ca, cb in coefficients]
+
+
+def weights_forward(layout, coefficients, n, rows, B, like):
+    """P (rows, n, n) from every layer's (ca, cb), one block of B rows through all layers at a time."""
+    wires, stages = layout
+    pad = wires - n
+    tmp = scratch(stages, B, like)
+    buffers = [like.new_empty(2, s.groups, s.size, s.size, B) for s in stages]   # a stage alternates between two
+    steps = [[WeightStep(stage, layer, buffers[s][j % 2], buffers[s][(j + 1) % 2], tmp)
+              for j, layer in enumerate(stage.layers)] for s, stage in enumerate(stages)]
+    outputs = [buffers[s][len(stage.layers) % 2] for s, stage in enumerate(stages)]
+    coefficients = [(ca.unsqueeze(1), cb.unsqueeze(1)) for ca, cb in coefficients]
+    start = identity_state(stages[0], B, like)
+    P = like.new_empty(rows, n, n)
+    for r0 in range(0, rows, B):
+        block = iter(block_slices(coefficients, r0, B))
+        for s in range(len(stages)):
+            if s == 0:
+                buffers[0][0].copy_(start)
+            else:
+                regroup(outputs[s - 1], buffers[s][0])
+            for step in steps[s]:
+                step.forward(*next(block))
+        r1 = min(rows, r0 + B)
+        P[r0:r1] = outputs[-1][0, pad:, pad:, :r1 - r0].permute(2, 0, 1)    # (n inputs, n wires, B) -> (B, n, n)
+    return P
+
+
+def weights_backward(layout, coefficients, grad_P, g_alphas, B, like):
+    """Fill g_alphas (a (G, chunks, m, R) tensor per layer) with the weights' share of dL/dca - dL/dcb, block by
+    block: replay the block's states from the coefficients and keep them (this block only), then go through the
+    layers in reverse with an adjoint laid out like the state."""
+    wires, stages = layout
+    rows, n = grad_P.shape[:2]
+    pad = wires - n
+    tmp_a, tmp_b = scratch(stages, B, like), scratch(stages, B, like)
+    saved = [like.new_empty(len(s.layers) + 1, s.groups, s.size, s.size, B) for s in stages]
+    adjoints = [like.new_empty(s.groups, s.size, s.size, B) for s in stages]
+    steps = [[WeightStep(stage, layer, saved[s][j], saved[s][j + 1], tmp_a, adjoints[s], tmp_b)
+              for j, layer in enumerate(stage.layers)] for s, stage in enumerate(stages)]
+    coefficients = [(ca.unsqueeze(1), cb.unsqueeze(1)) for ca, cb in coefficients]
+    start = identity_state(stages[0], B, like)
+    for r0 in range(0, rows, B):
+        block = block_slices(coefficients, r0, B)
+        t = 0
+        for s in range(len(stages)):
+            if s == 0:
+                saved[0][0].copy_(start)
+            else:
+                regroup(saved[s - 1][-1], saved[s][0])
+            for step in steps[s]:
+                if step is not steps[-1][-1]:                   # the network's output itself is not needed
+                    step.forward(*block[t])
+                t += 1
+        r1 = min(rows, r0 + B)
+        adjoints[-1].zero_()
+        adjoints[-1][0, pad:, pad:, :r1 - r0] = grad_P[r0:r1].permute(1, 2, 0)
+        for s in reversed(range(len(stages))):
+            for step in reversed(steps[s]):
+                t -= 1
+                step.backward(block[t][1], g_alphas[t].narrow(-1, r0, B))
+            if s > 0:
+                ungroup(adjoints[s], adjoints[s - 1])
 
 
 def sort_forward(x, layout, distribution, steepness, art_lambda):
-    """x (rows, n) -> x_sorted (rows, n), P (rows, n, n), alphas (layers, rows, max comparators)."""
-    wires, layers = layout
+    """x (rows, n) -> x_sorted (rows, n), P (rows, n, n), alphas (layers, comparators, R) and B, the rows per
+    block; R = rows rounded up to whole blocks, comparators = the most in a layer."""
+    wires, stages = layout
     rows, n = x.shape
-    pad = wires - n
-    x_sorted = torch.empty_like(x)
-    P = x.new_empty(rows, n, n)
-    alphas = x.new_empty(len(layers), rows, max(layer.size for layer in layers))
-    step = block_rows(x, wires)
-    tmp = x.new_empty(step * wires // 2 * (n + 1))
-    # torch's CPU kernels compute the last (numel mod 2 * vector width) elements with scalar code, whose exp /
-    # atan / pow differ from the vectorised ones by an ulp, and an ulp in alpha grows to ~1e-6 in P over 60
-    # odd-even layers. Computing alpha in a buffer padded to a multiple of 64 keeps every element on the
-    # vectorised path, as in diffsort's (rows, n/2) tensors, so the results do not depend on the block size.
-    d_buffer = x.new_zeros(-(-step * alphas.shape[2] // 64) * 64)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        q = initial_state(x[r0:r1], wires)
-        nxt = torch.empty_like(q)
-        for t, layer in enumerate(layers):
-            xa, xb = pair_views(q[:, :, n], layer)                          # (B, C, m)
-            d = d_buffer[:xa.numel()].view(xa.shape)
-            torch.sub(xb, xa, out=d)
-            alpha = comparator_alpha(d_buffer, distribution, steepness, art_lambda)[:xa.numel()].view(xa.shape)
-            if layer.fixed is not None:
-                alpha = torch.where(layer.fixed, layer.fixed_alpha, alpha)
-            alphas[t, r0:r1, :layer.size] = alpha.flatten(1)
-            mix_layer(q, nxt, layer, *mix_coefficients(alpha, layer), tmp)
-            q, nxt = nxt, q
-        x_sorted[r0:r1] = q[:, pad:, n]
-        P[r0:r1] = q[:, pad:, :n].transpose(1, 2)                          # (B, wires, inputs) -> (B, n, n)
-    return x_sorted, P, alphas
+    B = block_rows(rows, wires, x.element_size(), x.device)
+    layers = [(stage, layer) for stage in stages for layer in stage.layers]
+    values = x.new_zeros(wires, -(-rows // B) * B)           # dummy wires and rows past the end stay 0
+    values[wires - n:, :rows] = x.T
+    alphas = x.new_empty(len(layers), max(stage.groups * layer.chunks * layer.m for stage, layer in layers),
+                         values.shape[1])
+    values, coefficients = sort_values(values, layers, alphas, distribution, steepness, art_lambda)
+    P = weights_forward(layout, coefficients, n, rows, B, x)
+    return values[wires - n:, :rows].T.contiguous(), P, alphas, B
 
 
-def sort_backward(x, alphas, grad_sorted, grad_P, layout, distribution, steepness, art_lambda):
-    """Gradient w.r.t. x (rows, n), block by block: recompute the block's layer inputs from the saved alphas,
-    then go through the layers in reverse. The adjoint g has the layout of the state q."""
-    wires, layers = layout
+def sort_backward(x, alphas, B, grad_sorted, grad_P, layout, distribution, steepness, art_lambda):
+    """Gradient w.r.t. x (rows, n): replay the values from the saved alphas, collect dL/dca - dL/dcb from the
+    weights block by block, then take it back through the values together with grad_sorted (either gradient may
+    be None: that output was not used)."""
+    wires, stages = layout
     rows, n = x.shape
-    pad = wires - n
-    grad_x = torch.empty_like(x)
-    step = block_rows(x, wires)
-    tmp_a = x.new_empty(step * wires // 2 * (n + 1))
-    tmp_b = torch.empty_like(tmp_a)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        B = r1 - r0
-        states = x.new_empty(len(layers), B, wires, n + 1)                 # input of every layer, this block only
-        states[0] = initial_state(x[r0:r1], wires)
-        coefficients = []
-        for t, layer in enumerate(layers):
-            alpha = alphas[t, r0:r1, :layer.size].unflatten(1, (layer.chunks, layer.m))
-            coefficients.append(mix_coefficients(alpha, layer))
-            if t + 1 < len(layers):
-                mix_layer(states[t], states[t + 1], layer, *coefficients[t], tmp_a)
-
-        g = x.new_zeros(B, wires, n + 1)
-        g[:, pad:, :n] = grad_P[r0:r1].transpose(1, 2)
-        g[:, pad:, n] = grad_sorted[r0:r1]
-        for t in reversed(range(len(layers))):
-            layer = layers[t]
-            ca, cb = coefficients[t]
-            alpha = alphas[t, r0:r1, :layer.size].unflatten(1, (layer.chunks, layer.m))
-            a_in, b_in = pair_views(states[t], layer)
-            g_a, g_b = pair_views(g, layer)
-            shape = a_in.shape
-            g_diff = torch.sub(g_a, g_b, out=tmp_a[:a_in.numel()].view(shape))
-            in_diff = torch.sub(a_in, b_in, out=tmp_b[:a_in.numel()].view(shape))
-            # d loss / d ca - d loss / d cb = sum over columns (g_a - g_b)(in_a - in_b); ca = alpha or 1 - alpha
-            g_alpha = in_diff.mul_(g_diff).sum(-1)                          # (B, C, m)
-            if layer.descending is not None:
-                g_alpha = torch.where(layer.descending, -g_alpha, g_alpha)
-            if layer.fixed is not None:
-                g_alpha = g_alpha.masked_fill(layer.fixed, 0)
-            xa, xb = pair_views(states[t][:, :, n], layer)
-            g_d = g_alpha * comparator_alpha_grad(xb - xa, alpha, distribution, steepness, art_lambda)
-            # adjoint of the mix (its matrix [[ca, cb], [cb, ca]] is symmetric); with ca + cb = 1:
-            # g_a' = ca g_a + cb g_b = g_a - cb (g_a - g_b), g_b' = g_b + cb (g_a - g_b)
-            shift = g_diff.mul_(cb.unsqueeze(-1))
-            g_a.sub_(shift)
-            g_b.add_(shift)
-            # and alpha's own dependence on the values x_a, x_b of this layer's input (d = x_b - x_a)
-            gxa, gxb = pair_views(g[:, :, n], layer)
-            gxa.sub_(g_d)
-            gxb.add_(g_d)
-        grad_x[r0:r1] = g[:, pad:, n]
-    return grad_x
+    layers = [(stage, layer) for stage in stages for layer in stage.layers]
+    values = x.new_zeros(wires, alphas.shape[2])
+    values[wires - n:, :rows] = x.T
+    inputs, coefficients = replay_values(values, layers, alphas)
+    g_alphas = per_layer(torch.zeros_like(alphas), layers)
+    if grad_P is not None:
+        weights_backward(layout, coefficients, grad_P, g_alphas, B, x)
+    g_values = torch.zeros_like(values)
+    if grad_sorted is not None:
+        g_values[wires - n:, :rows] = grad_sorted.T
+    values_backward(inputs, layers, alphas, coefficients, g_alphas, g_values, distribution, steepness, art_lambda)
+    return g_values[wires - n:, :rows].T.contiguous()
 
 
 class DiffSortFunction(torch.autograd.Function):
     """(x (rows, n), layout, distribution, steepness, art_lambda) -> (x_sorted (rows, n), P (rows, n, n)).
-    Saves x and the alphas only; x must be float32 or float64, finite, and contiguous."""
+    Saves x and the alphas only. x must be float32 or float64 and finite."""
 
     @staticmethod
     def forward(ctx, x, layout, distribution, steepness, art_lambda):
-        x_sorted, P, alphas = sort_forward(x, layout, distribution, steepness, art_lambda)
+        x_sorted, P, alphas, B = sort_forward(x, layout, distribution, steepness, art_lambda)
         ctx.save_for_backward(x, alphas)
-        ctx.settings = (layout, distribution, steepness, art_lambda)
+        ctx.settings = (B, layout, distribution, steepness, art_lambda)
+        ctx.set_materialize_grads(False)       # an unused output gets None, and its part of backward is skipped
         return x_sorted, P
 
     @staticmethod
     def backward(ctx, grad_sorted, grad_P):
         x, alphas = ctx.saved_tensors
-        grad_x = sort_backward(x, alphas, grad_sorted.contiguous(), grad_P, *ctx.settings)
-        return grad_x, None, None, None, None
+        B, *settings = ctx.settings
+        return sort_backward(x, alphas, B, grad_sorted, grad_P, *settings), None, None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -324,16 +506,16 @@ def check_arguments(n, network, steepness, distribution):
 
 
 def run_sort(x, layout, distribution, steepness, art_lambda):
-    """Validate x (..., n), flatten it to rows, sort in float32/64 with autocast off, restore the shape."""
+    """Check x (..., n), flatten it to rows, sort in float32 or float64 with autocast off, restore the shape."""
     if not x.is_floating_point():
         raise ValueError(f"diff_sort: x must be a floating-point tensor, got {x.dtype}")
     if not torch.isfinite(x).all():
         raise ValueError("diff_sort: x contains NaN or infinite values; the relaxed sort needs finite inputs")
     shape = x.shape
     if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()                  # float16 / bfloat16 (e.g. under autocast): compute in float32
+        x = x.float()                       # float16 / bfloat16, e.g. under autocast: compute in float32
     with torch.autocast(x.device.type, enabled=False):
-        x_sorted, P = DiffSortFunction.apply(x.reshape(-1, shape[-1]).contiguous(), layout, distribution,
+        x_sorted, P = DiffSortFunction.apply(x.reshape(-1, shape[-1]), layout, distribution,
                                              float(steepness), float(art_lambda))
     return x_sorted.view(shape), P.view(*shape, shape[-1])
 
@@ -342,29 +524,28 @@ def diff_sort(x, network="bitonic", steepness=10.0, distribution="cauchy", art_l
     """Relaxed ascending sort of x (..., n) along its last dim. Returns (x_sorted (..., n), P (..., n, n)) with
     x_sorted[..., k] = sum_i x[..., i] * P[..., i, k]."""
     if x.dim() == 0:
-        raise ValueError("diff_sort: x must have at least one dimension (..., n), got a 0-dim tensor")
+        raise ValueError("diff_sort: x must have shape (..., n), got a 0-dim tensor")
     n = x.shape[-1]
     check_arguments(n, network, steepness, distribution)
     return run_sort(x, network_layout(n, network, x.device), distribution, steepness, art_lambda)
 
 
 class DiffSort(nn.Module):
-    """nn.Module form of diff_sort for a fixed n; the network layout is built once and kept per device."""
+    """diff_sort as a module for a fixed n; the network layout is built once and kept per device."""
 
     def __init__(self, n, network="bitonic", steepness=10.0, distribution="cauchy", art_lambda=0.25):
         super().__init__()
         check_arguments(n, network, steepness, distribution)
         self.n, self.network, self.steepness = n, network, steepness
         self.distribution, self.art_lambda = distribution, art_lambda
-        wires, layers = bitonic_layers(n) if network == "bitonic" else odd_even_layers(n)
-        self.layouts = {torch.device("cpu"): (wires, layers)}
+        self.layouts = {torch.device("cpu"): build_layout(n, network)}
 
     def forward(self, x):
         if x.dim() == 0 or x.shape[-1] != self.n:
             raise ValueError(f"DiffSort(n={self.n}) expects x of shape (..., {self.n}), got {tuple(x.shape)}")
         if x.device not in self.layouts:
-            wires, layers = self.layouts[torch.device("cpu")]
-            self.layouts[x.device] = (wires, [layer.to(x.device) for layer in layers])
+            wires, stages = self.layouts[torch.device("cpu")]
+            self.layouts[x.device] = (wires, [stage.to(x.device) for stage in stages])
         return run_sort(x, self.layouts[x.device], self.distribution, self.steepness, self.art_lambda)
 
     def extra_repr(self):

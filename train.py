@@ -252,7 +252,7 @@ def neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg):
     n_ref = sims_s[0].shape[-1]
     sim_s, sim_t = torch.cat(sims_s).reshape(-1, n_ref), torch.cat(sims_t).reshape(-1, n_ref)  # (10*B*Q, n_ref)
     if not (torch.isfinite(sim_s).all() and torch.isfinite(sim_t).all()):
-        return sim_s.new_tensor(float("nan"))  # diverged features: the caller skips the step (diff_sort rejects NaN)
+        return sim_s.sum() * float("nan")  # diverged features: the caller skips the step (diff_sort rejects NaN)
     return sort_cross_entropy(sim_s, sim_t, ncfg)
 
 
@@ -349,15 +349,6 @@ def schedules(cfg, step, total):
     return {"lr_scale": cosine(1.0, 0.0, step, total),
             "wd": cosine(o["weight_decay"], o["weight_decay_end"], step, total),
             "momentum": cosine(o["momentum_teacher"], o["momentum_teacher_end"], step, total)}
-
-
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """teacher = m * teacher + (1 - m) * student, every parameter (backbone and head)."""
-    t_params = list(teacher.parameters())
-    s_params = [p.detach() for p in student.parameters()]
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
 
 # -----------------------------------------------------------------------------
@@ -483,7 +474,8 @@ def train(cfg, demo=False):
         raise ConfigError(f"data.root '{d['root']}' has {len(dataset)} images, fewer than optim.batch_size "
                           f"{o['batch_size']}")
     total_steps = o["epochs"] * iters_per_epoch
-    stop_step = min(total_steps, cfg["train"]["max_steps"] or total_steps)
+    max_steps = cfg["train"]["max_steps"]
+    stop_step = total_steps if max_steps is None else min(total_steps, max_steps)  # 0: save the start and stop
 
     try:
         student, teacher = build_models(cfg)
@@ -494,7 +486,7 @@ def train(cfg, demo=False):
     student.backbone.grad_checkpointing = cfg["train"]["grad_checkpointing"]
     use_cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(student, cfg), lr=o["lr_backbone"], betas=tuple(o["betas"]),
-                                  weight_decay=o["weight_decay"], fused=use_cuda and cfg["train"]["fused_adamw"])
+                                  weight_decay=o["weight_decay"], fused=cfg["train"]["fused_adamw"])
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # queue and reference draws, same on all ranks
     queue = PatchQueue(ncfg["queue_size"], cfg["model"]["head_out"], device)
 
@@ -531,6 +523,42 @@ def train(cfg, demo=False):
                 "step": step, "config": cfg, "skipped_images": skipped_images, "bad_steps": bad_steps,
                 "elapsed_s": elapsed})
 
+    # The step never waits for the GPU: losses and "was it finite" flags stay on the device and are read once per
+    # train.log_every steps, when the log lines are written.
+    pending = []  # (step, epoch, schedule values, loss tensor, finite tensor)
+
+    def flush_log():
+        nonlocal bad_steps, bad_in_a_row, t_last, elapsed
+        if not pending:
+            return
+        values = torch.stack([torch.stack([p[3].float(), p[4].float()]) for p in pending]).tolist()
+        now = time.time()
+        img_per_s = len(pending) * o["batch_size"] / max(now - t_last, 1e-9)
+        elapsed += now - t_last
+        t_last = now
+        for (s, epoch, sched, _, _), (loss, finite) in zip(pending, values):
+            if finite:
+                bad_in_a_row = 0
+                losses.append(loss)
+            else:
+                bad_steps += 1
+                bad_in_a_row += 1
+            if is_main:
+                log.write(json.dumps({
+                    "step": s, "epoch": epoch, "loss": loss if finite else None,
+                    "lr": o["lr_backbone"] * sched["lr_scale"], "lr_head": o["lr_head"] * sched["lr_scale"],
+                    "wd": sched["wd"], "momentum": sched["momentum"], "img_per_s": round(img_per_s, 2),
+                    "skipped_images": skipped_images, "bad_steps": bad_steps}) + "\n")
+        pending.clear()
+        if is_main:
+            log.flush()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-", lr=f"{o['lr_backbone'] * sched['lr_scale']:.2e}",
+                            img_s=f"{img_per_s:.1f}", refresh=False)
+        if bad_in_a_row >= cfg["train"]["max_bad_steps"]:
+            checkpoint()
+            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or no readable image "
+                                  f"(step {step}); lower the learning rate or check data.root, then re-run")
+
     bar = tqdm(total=stop_step, initial=step, disable=not is_main, dynamic_ncols=True, desc="neco")
     log = open(log_path, "a") if is_main else None
     t_last, losses = time.time(), []
@@ -546,40 +574,24 @@ def train(cfg, demo=False):
                 group["lr"] = group["base_lr"] * sched["lr_scale"]
                 if group["apply_wd"]:
                     group["weight_decay"] = sched["wd"]
-            loss = None
-            if crops is not None:
+            if crops is None:  # no readable image in this batch: counts as a bad step
+                loss, finite = torch.tensor(float("nan")), torch.tensor(False)
+            else:
                 crops = [c.to(device, non_blocking=True) for c in crops]
                 boxes = boxes.to(device, non_blocking=True)
-                loss = train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair,
-                                  cfg, autocast, sched["momentum"])
-            if loss is None:
-                bad_steps += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= cfg["train"]["max_bad_steps"]:
-                    checkpoint()
-                    raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or no readable image "
-                                       f"(step {step}); lower the learning rate or check data.root, then re-run")
-            else:
-                bad_in_a_row = 0
-                losses.append(loss)
+                loss, finite = train_step(model, student, teacher, optimizer, queue, gen, crops, boxes,
+                                          refs_for_pair, cfg, autocast, sched["momentum"])
             step += 1
-            now = time.time()
-            elapsed += now - t_last
-            img_per_s = o["batch_size"] / max(now - t_last, 1e-9)
-            t_last = now
-            if is_main:
-                lr = o["lr_backbone"] * sched["lr_scale"]
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "lr_head":
-                                      o["lr_head"] * sched["lr_scale"], "wd": sched["wd"],
-                                      "momentum": sched["momentum"], "img_per_s": round(img_per_s, 2),
-                                      "skipped_images": skipped_images, "bad_steps": bad_steps}) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
-                                img_s=f"{img_per_s:.1f}")
-                bar.update(1)
+            pending.append((step, epoch, sched, loss, finite))
+            bar.update(1)
+            if step % cfg["train"]["log_every"] == 0 or step % cfg["train"]["ckpt_every"] == 0 \
+                    or step == stop_step:
+                flush_log()
             if step % cfg["train"]["ckpt_every"] == 0 or step == stop_step:
                 checkpoint()
     bar.close()
+    if not ckpt_path.is_file():  # max_steps 0: the starting weights, e.g. as the baseline of an evaluation
+        checkpoint()
     if is_main:
         log.close()
         first = sum(losses[:5]) / max(len(losses[:5]), 1) if losses else float("nan")
@@ -594,7 +606,8 @@ def train(cfg, demo=False):
 
 def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
                momentum):
-    """One NeCo step. Returns the loss as a float, or None when it was not finite (the step is skipped)."""
+    """One NeCo step. Returns (loss, finite) as device tensors; a non-finite loss leaves student, teacher and
+    optimizer untouched (the step is skipped) without the host waiting for the device."""
     ncfg = cfg["neco"]
     with torch.no_grad(), autocast:
         maps_t = teacher(crops[:2])  # 2 x (B, h, w, out): the teacher sees the global crops only
@@ -606,19 +619,26 @@ def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, ref
     with autocast:
         maps_s = model(crops)  # V x (B, h_v, w_v, out): the student sees every crop
     loss = neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg)
-    finite = torch.isfinite(loss).float()
-    if dist.is_available() and dist.is_initialized():  # every rank skips together, or DDP would hang
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():
-        optimizer.zero_grad(set_to_none=True)
-        return None
+    finite = torch.isfinite(loss)
+    if dist.is_available() and dist.is_initialized():  # every rank skips together
+        flag = finite.float()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag > 0
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg["optim"]["clip_grad"] > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["optim"]["clip_grad"])
-    optimizer.step()
-    ema_update(teacher, student, momentum)
-    return loss.item()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["optim"]["clip_grad"], foreach=True)
+    if optimizer.defaults.get("fused"):
+        # the fused AdamW kernel skips its update on the device when found_inf is set (GradScaler's mechanism)
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+        optimizer.step()
+    elif finite.item():  # unfused optimizer: decide on the host
+        optimizer.step()
+    # teacher = m * teacher + (1 - m) * student; the weight is 0 on a skipped step
+    weight = (1.0 - momentum) * finite.float()
+    t_params = list(teacher.parameters())
+    torch._foreach_lerp_(t_params, [p.detach() for p in student.parameters()], [weight] * len(t_params))
+    return loss.detach(), finite
 
 
 # -----------------------------------------------------------------------------

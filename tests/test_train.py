@@ -158,9 +158,9 @@ def test_step_updates_student_only_and_teacher_by_ema(tmp_path, images):
     crops, boxes = synthetic_batch(4, cfg)
     refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
     m = 0.9
-    loss = train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
-                            torch.autocast("cpu", enabled=False), m)
-    assert loss is not None and math.isfinite(loss)
+    loss, finite = train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
+                                    torch.autocast("cpu", enabled=False), m)
+    assert finite.item() and math.isfinite(loss.item())
     assert all(p.grad is None for p in teacher.parameters())  # the teacher never gets gradients
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
     changed = [k for k in s0 if not torch.equal(s0[k], student.state_dict()[k])]
@@ -171,22 +171,33 @@ def test_step_updates_student_only_and_teacher_by_ema(tmp_path, images):
     assert queue.filled == [40, 40]  # 10 x batch pushed per global crop
 
 
-def test_batch_mode_and_nonfinite_skip(tmp_path, images):
+@pytest.mark.parametrize("fused", [True, False])
+def test_batch_mode_and_nonfinite_skip(tmp_path, images, fused):
     cfg = tiny_cfg(tmp_path, images, **{"neco.references": "batch"})
     torch.manual_seed(0)
-    student, teacher, opt, gen, queue = make_run(cfg)
+    student, teacher, _, gen, queue = make_run(cfg)
+    opt = torch.optim.AdamW(train.param_groups(student, cfg), lr=1e-3, fused=fused)
     crops, boxes = synthetic_batch(4, cfg)
     refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
     autocast = torch.autocast("cpu", enabled=False)
-    assert math.isfinite(train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
-                                          autocast, 0.99))
+    loss, finite = train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg, autocast,
+                                    0.99)
+    assert finite.item() and math.isfinite(loss.item())
     with torch.no_grad():
         student.head.mlp[0].weight[0, 0] = float("nan")
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    assert train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg, autocast,
-                            0.99) is None
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    steps_before = [s["step"].clone() for s in opt.state.values()]
+    loss, finite = train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg, autocast,
+                                    0.99)
+    assert not finite.item() and loss.isnan()
     after = student.state_dict()
     assert all(torch.equal(before[k], after[k]) or before[k].isnan().any() for k in before)  # nothing stepped
+    assert [s["step"] for s in opt.state.values()] == steps_before  # Adam's step counters did not move
+    for k, v in teacher.state_dict().items():  # the teacher only moves where the student holds the NaN
+        assert torch.equal(v, teacher_before[k]) or k == "head.mlp.0.weight"
+        if k == "head.mlp.0.weight":
+            assert torch.equal(v.flatten()[1:], teacher_before[k].flatten()[1:])
 
 
 def test_param_groups_and_schedules(tmp_path, images):
@@ -318,7 +329,7 @@ def run_cli(*args, cwd=ROOT):
     (["--set", "optim.epoch=3"], "optim.epoch"),
     (["--set", "optim.epochs=many"], "optim.epochs"),
     (["--set", "data.root=/no/such/folder"], "/no/such/folder"),
-    (["--set", "model.weights=/no/such/file.pth"], "/no/such/file.pth"),
+    (["--set", "data.root=tests", "model.weights=/no/such/file.pth"], "/no/such/file.pth"),
     (["--set", "neco.sort_network=quick"], "quick"),
 ])
 def test_cli_errors_are_one_line(args, culprit):
