@@ -7,7 +7,8 @@ Every measurement prints one JSON line; a markdown table with the ratios follows
 
 sort: forward+backward time and peak memory of sort.diff_sort against diffsort 0.2.0's DiffSortNet (the dense
 method NeCo's public code used; `pip install diffsort==0.2.0`), side by side in one run, at NeCo's shape
-(3136 rows = 64 images x 49 queries, n = 49, bitonic, Cauchy, steepness 100) and at other n.
+(3136 rows = 64 images x 49 queries, n = 49, bitonic, Cauchy, steepness 100) and at other n. Where diffsort would
+need more than --dense-max-mib (n = 128: ~17 GiB at 3136 rows), both methods get fewer rows. ~70 s on 2 cores.
 """
 
 import argparse
@@ -26,13 +27,14 @@ import sort
 # -----------------------------------------------------------------------------
 # sort
 
+METHODS = ("ours", "diffsort")
 
-def dense_rows_cap(n, max_mib):
-    """diffsort keeps a few (rows, n, n) tensors per layer for backward: its peak was measured at 6-8 bytes per
-    row, layer and n^2 (float32, CPU); 13 leaves room for the allocator and for the timing runs beside it. The
-    largest multiple of 49 rows whose estimate fits under max_mib (at least 49)."""
-    layers = sum(len(stage.layers) for stage in sort.bitonic_stages(n)[1])
-    per_row = 13 * layers * n * n
+
+def dense_rows_cap(n, network, max_mib):
+    """diffsort keeps a few (rows, n, n) tensors per layer for backward: its peak was measured at 17-18 bytes per
+    row, layer and n^2 (float32, CPU). The largest multiple of 49 rows whose estimate fits under max_mib (>= 49)."""
+    layers = sum(len(stage.layers) for stage in sort.build_layout(n, network)[1])
+    per_row = 18 * layers * n * n
     return max(49, int(max_mib * 2**20 // per_row) // 49 * 49)
 
 
@@ -68,19 +70,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(sorter, x, grads, repeats, device):
-    """Median wall time of forward+backward over `repeats` runs after one warm-up run."""
-    forward_backward(sorter, x, grads)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        forward_backward(sorter, x, grads)
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def cpu_name():
     for line in open("/proc/cpuinfo"):
         if line.startswith("model name"):
@@ -99,42 +88,48 @@ def peak_resident_bytes():
     raise RuntimeError("no VmHWM in /proc/self/status; peak memory needs Linux")
 
 
-def peak_mib_here(sorter, x, grads, device):
-    """Peak memory of one forward+backward above what was in use just before it (inputs, gradients, code).
-    CUDA: the allocator's peak. CPU: the process's peak resident set (VmHWM, reset through clear_refs), which
-    counts every allocation, torch's or not; that is why each CPU measurement runs in a fresh process."""
+def timed_peak_run(sorter, x, grads, device):
+    """(ms, peak MiB) of one forward+backward. Peak = memory in use above what was in use just before the run
+    (inputs, gradients, code). CUDA: the allocator's peak. CPU: the process's peak resident set (VmHWM, reset
+    through clear_refs), which counts every allocation, torch's or not; hence one fresh process per method."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        forward_backward(sorter, x, grads)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                            # resets VmHWM to the current resident set
-    base = resident_bytes()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                        # resets VmHWM to the current resident set
+        base = resident_bytes()
+    start = time.perf_counter()
     forward_backward(sorter, x, grads)
-    return (peak_resident_bytes() - base) / 2**20
+    sync(device)
+    ms = (time.perf_counter() - start) * 1e3
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_resident_bytes()
+    return ms, (peak - base) / 2**20
 
 
-def peak_mib(method, n, rows, args):
-    if args.device == "cuda":
-        x, grads = sort_inputs(rows, n, args.device)
-        return peak_mib_here(make_sorter(method, n, args), x, grads, args.device)
-    command = [sys.executable, os.path.abspath(__file__), "sort-memory", method, str(n), str(rows),
-               "--network", args.network, "--steepness", str(args.steepness), "--distribution", args.distribution]
+def cmd_sort_one(args):
+    """Child process of `sort`, one per method and n: a run on 64 rows loads the method's code and lazy state,
+    then `repeats` runs on the real input, the first of which gives the peak memory. Prints JSON."""
+    sorter = make_sorter(args.method, args.n, args)
+    forward_backward(sorter, *sort_inputs(64, args.n, args.device))
+    x, grads = sort_inputs(args.rows, args.n, args.device)
+    times, peak = [], None
+    for _ in range(args.repeats):
+        ms, mib = timed_peak_run(sorter, x, grads, args.device)
+        times.append(ms)
+        peak = mib if peak is None else peak
+    print(json.dumps({"ms": statistics.median(times), "peak_mib": peak}))
+
+
+def run_one(method, n, rows, args):
+    command = [sys.executable, os.path.abspath(__file__), "sort-one", method, str(n), str(rows),
+               "--repeats", str(args.repeats), "--network", args.network, "--steepness", str(args.steepness),
+               "--distribution", args.distribution, "--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"memory measurement of {method} at n={n} failed: {done.stderr.strip()[-300:]}")
-    return json.loads(done.stdout)["peak_mib"]
-
-
-def cmd_sort_memory(args):
-    """Child process of `sort`: one forward+backward, prints its peak memory as JSON."""
-    torch.manual_seed(0)
-    sorter = make_sorter(args.method, args.n, args)
-    x, grads = sort_inputs(args.rows, args.n, args.device)
-    print(json.dumps({"peak_mib": peak_mib_here(sorter, x, grads, args.device)}))
+        raise RuntimeError(f"sort-one {method} n={n} failed: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout)
 
 
 def cmd_sort(args):
@@ -142,13 +137,13 @@ def cmd_sort(args):
         raise RuntimeError("--device cuda: no CUDA device available")
     results = []
     for n in args.n:
-        rows = min(args.rows, dense_rows_cap(n, args.dense_max_mib))
-        x, grads = sort_inputs(rows, n, args.device)
+        sort.check_arguments(n, args.network, args.steepness, args.distribution)
+        rows = min(args.rows, dense_rows_cap(n, args.network, args.dense_max_mib))
         line = {"bench": "sort", "n": n, "rows": rows, "network": args.network, "distribution": args.distribution,
                 "steepness": args.steepness, "device": args.device, "threads": torch.get_num_threads()}
-        for method in ("ours", "diffsort"):
-            ms = time_ms(make_sorter(method, n, args), x, grads, args.repeats, args.device)
-            line.update({f"{method}_ms": round(ms, 1), f"{method}_peak_mib": round(peak_mib(method, n, rows, args), 1)})
+        for method in METHODS:                                  # one after the other, each in a fresh process
+            one = run_one(method, n, rows, args)
+            line.update({f"{method}_ms": round(one["ms"], 1), f"{method}_peak_mib": round(one["peak_mib"], 1)})
         line["speedup"] = round(line["diffsort_ms"] / line["ours_ms"], 2)
         line["memory_ratio"] = round(line["diffsort_peak_mib"] / max(line["ours_peak_mib"], 1e-3), 2)
         print(json.dumps(line), flush=True)
@@ -181,18 +176,19 @@ def main(argv=None):
     p = commands.add_parser("sort", help="diff_sort vs diffsort.DiffSortNet: forward+backward time and peak memory")
     p.add_argument("--rows", type=int, default=3136, help="rows sorted at once (NeCo: 64 images x 49 queries)")
     p.add_argument("--n", type=int, nargs="+", default=[49, 16, 64, 128], help="lengths to sort")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (the median is reported)")
-    p.add_argument("--dense-max-mib", type=float, default=4000,
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
+    p.add_argument("--dense-max-mib", type=float, default=4700,
                    help="use fewer rows (for both methods) where diffsort would need more memory than this")
     add_sort_options(p)
     p.set_defaults(run=cmd_sort)
 
-    p = commands.add_parser("sort-memory", help="internal: one forward+backward in this process, prints its peak")
-    p.add_argument("method", choices=("ours", "diffsort"))
+    p = commands.add_parser("sort-one", help="internal: time and peak memory of one method, in this process")
+    p.add_argument("method", choices=METHODS)
     p.add_argument("n", type=int)
     p.add_argument("rows", type=int)
+    p.add_argument("--repeats", type=int, default=3)
     add_sort_options(p)
-    p.set_defaults(run=cmd_sort_memory)
+    p.set_defaults(run=cmd_sort_one)
 
     args = parser.parse_args(argv)
     try:

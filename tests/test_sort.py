@@ -3,7 +3,11 @@
 determinism, shapes, argument errors, and the diffsort 0.2.0 oracle (values and gradients, Done-when
 tolerances: float32 2e-6 / 1e-4 of the largest gradient, float64 1e-10 / 1e-8)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -292,3 +296,24 @@ def test_matches_diffsort(dtype, network, distribution):
             assert torch.equal(ours[0], ref[0]), (n, steepness)   # the values follow diffsort's ops exactly
             assert (ours[1] - ref[1]).abs().max() <= value_tol, (n, steepness)
             assert (ours[2] - ref[2]).abs().max() <= grad_tol * ref[2].abs().max(), (n, steepness)
+
+
+# -----------------------------------------------------------------------------
+# bench.py sort: the command runs end to end and reports consistent numbers
+
+
+def test_bench_sort_command():
+    pytest.importorskip("diffsort")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "bench.py", "sort", "--rows", "64", "--n", "5", "--repeats", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout.splitlines()[0])
+    assert (line["n"], line["rows"], line["network"]) == (5, 64, "bitonic")
+    assert line["speedup"] == round(line["diffsort_ms"] / line["ours_ms"], 2)
+    assert line["ours_peak_mib"] >= 0 and line["diffsort_peak_mib"] >= 0
+    assert "| 64 | 5 |" in done.stdout                        # the markdown table
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, "bench.py", "sort", "--device", "cuda"], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith("error: --device cuda")
