@@ -1,14 +1,28 @@
 """
-Benchmarks, one subcommand per part of the project:
+Benchmarks, one subcommand per part of the project; each prints one JSON line per measurement and a markdown
+table at the end.
 
-    python bench.py sort [--rows 3136] [--n 49 16 64 128] [--device cpu|cuda]
+    python bench.py train [--arch dinov2_vits14_reg] [--batch 64] [--device auto]   # the training step
+    python bench.py sort [--rows 3136] [--n 49 16 64 128]                           # diff_sort vs diffsort
+    python bench.py incontext [--memory 10240000] [--images 1449]                   # the in-context search
+    python bench.py scaling                                # sort cost against n and rows, search against memory
 
-Every measurement prints one JSON line; a markdown table with the ratios follows at the end.
+train: the NeCo training step (train.train_step) on synthetic crops of the real sizes (no dataset), images/s,
+ms per step and peak memory, for the fast path (bf16 autocast on CUDA, SDPA attention, fused AdamW, no host sync)
+and the faithful fp32 path (explicit attention, torch's default AdamW, host-side skip decision) in the same run,
+with a breakdown of the step. CUDA: the paper's shape (ViT-S/14-reg, batch 64, 2 x 518 + 4 x 98 px); the CPU
+runs a small one (batch 4, 2 x 224 + 4 x 98 px, ~1 min).
 
 sort: forward+backward time and peak memory of sort.diff_sort against diffsort 0.2.0's DiffSortNet (the dense
 method NeCo's public code used; `pip install diffsort==0.2.0`), side by side in one run, at NeCo's shape
 (3136 rows = 64 images x 49 queries, n = 49, bitonic, Cauchy, steepness 100) and at other n. Where diffsort would
 need more than --dense-max-mib (n = 128: ~17 GiB at 3136 rows), both methods get fewer rows. ~70 s on 2 cores.
+
+incontext: evaluate.topk_inner_product, the exact k-NN search of the in-context protocol, on random unit
+features: a memory of 10.24M x 384 patches and 1,449 val images x 1,296 queries searched 16 images at a time
+(as evaluate.py does), k = 30; float16 keys on CUDA as in evaluate.py. The CPU runs a reduced scale.
+
+Every measurement runs in a fresh child process, so that its peak memory is its own.
 """
 
 import argparse
@@ -22,10 +36,251 @@ import time
 
 import torch
 
+import evaluate
 import sort
+import train
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
 
 # -----------------------------------------------------------------------------
-# sort
+# common: devices, peak memory, one child process per measurement
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device available")
+    return name
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cpu_name():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def device_name(device):
+    return torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def resident_bytes():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status; peak memory needs Linux")
+
+
+def reset_peak(device):
+    """Start a peak-memory window and return the bytes in use now. CUDA: the allocator's counters. CPU: the
+    process's peak resident set (VmHWM, reset through clear_refs), which counts every allocation, torch's or not;
+    hence one fresh process per measurement."""
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                            # resets VmHWM to the current resident set
+    return resident_bytes()
+
+
+def peak_bytes(device):
+    sync(device)
+    return torch.cuda.max_memory_allocated() if device == "cuda" else peak_resident_bytes()
+
+
+def run_child(argv):
+    """`python bench.py <argv>` in a fresh process; it prints its result as the last line, a JSON object."""
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, argv)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.py {' '.join(map(str, argv))} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(header, rows):
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---:|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+
+
+# -----------------------------------------------------------------------------
+# train: the training step, fast path against the faithful fp32 path
+
+PATHS = {  # the train.* switches of each path (train.compile is added to the fast path by --compile)
+    "fast": {"precision": "bf16", "fused_attention": True, "fused_adamw": True},
+    "faithful": {"precision": "fp32", "fused_attention": False, "fused_adamw": False},
+    "fp32_sdpa": {"precision": "fp32", "fused_attention": True, "fused_adamw": False},  # ~ the public run's xformers
+}
+PAPER_SHAPE = ("dinov2_vits14_reg", 64, 518, 98)  # arch, batch, global and local crop size of the paper's run
+PHASES = ("teacher_fwd", "student_fwd_bwd", "roi_sim", "sort", "optimizer")
+PHASE_NAMES = ("teacher fwd", "student fwd+bwd", "RoI + sim", "sort + CE", "AdamW + EMA")
+
+
+def train_bench_config(args):
+    """config.yaml (the paper's run) at the benchmark's model and crop sizes, with the path's switches."""
+    sets = [f"model.arch={args.arch}", "model.weights=null", f"optim.batch_size={args.batch}",
+            f"data.global_size={args.global_size}", f"data.local_size={args.local_size}",
+            f"train.compile={args.compile and args.path == 'fast'}"]
+    sets += [f"train.{key}={value}" for key, value in PATHS[args.path].items()]
+    return train.load_config(CONFIG, sets)
+
+
+def synthetic_step_inputs(cfg, device, seed=0):
+    """Crops (2 global + n_local local, each (B, 3, s, s)) and crop boxes (B, V, 4) in the pixels of a 640 x 480
+    image, all overlapping one another, as the loader gives them. Random pixels: the cost does not depend on them."""
+    d, B = cfg["data"], cfg["optim"]["batch_size"]
+    g = torch.Generator().manual_seed(seed)
+    sizes = [d["global_size"]] * 2 + [d["local_size"]] * d["n_local"]
+    crops = [torch.randn(B, 3, s, s, generator=g).to(device) for s in sizes]
+    xy = torch.rand(B, len(sizes), 2, generator=g) * 100
+    wh = 200 + torch.rand(B, len(sizes), 2, generator=g) * 200  # every box holds [100, 200]^2
+    return crops, torch.cat([xy, xy + wh], -1).to(device)
+
+
+def step_phases(student, teacher, optimizer, queue, gen, crops, boxes, refs, cfg, autocast, device):
+    """One training step cut into its phases, with the device synchronised between them -> ms per phase.
+    student_fwd_bwd includes the backward of the RoI-align and similarities (small); roi_sim is their forward;
+    sort is the forward and backward of both sorts and of the cross-entropy; optimizer is AdamW and the EMA."""
+    ncfg, ms = cfg["neco"], dict.fromkeys(PHASES, 0.0)
+
+    def timed(phase, fn):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        ms[phase] += (time.perf_counter() - start) * 1e3
+        return out
+
+    def student_forward():
+        with autocast:
+            return student(crops)
+
+    def sort_forward_backward():
+        loss = train.sort_cross_entropy(sim_s, sim_t, ncfg)
+        return loss, torch.autograd.grad(loss, sim_s)[0]  # stops at the similarities
+
+    maps_t = timed("teacher_fwd", lambda: train.teacher_maps(teacher, queue, gen, crops, ncfg, autocast))
+    maps_s = timed("student_fwd_bwd", student_forward)
+    sim_s, sim_t = timed("roi_sim", lambda: train.pair_similarities(maps_t, maps_s, boxes, refs, ncfg))
+    loss, grad_sim = timed("sort", sort_forward_backward)
+    optimizer.zero_grad(set_to_none=True)
+    timed("student_fwd_bwd", lambda: sim_s.backward(grad_sim))
+    finite = train.all_ranks_finite(loss)
+    timed("optimizer", lambda: train.update(student, teacher, optimizer, finite, cfg["optim"]["momentum_teacher"],
+                                            cfg["optim"]["clip_grad"]))
+    return ms
+
+
+def autocast_on(cfg, device):
+    return device.type == "cuda" and cfg["train"]["precision"] == "bf16"  # train.make_autocast's rule
+
+
+def cmd_train_one(args):
+    """Child of `train`: one path. Warm-up steps (compile, kernel autotuning, the queue fills), then `steps` real
+    train.train_step calls timed together (the device is synchronised only at the ends, as in training), then
+    `breakdown` steps cut into phases. Prints JSON; {"oom": true} when CUDA runs out of memory."""
+    cfg = train_bench_config(args)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    student, teacher = train.build_models(cfg)
+    student.to(device).train()
+    teacher.to(device).eval()
+    train.speed_settings(student, teacher, cfg)
+    optimizer = train.make_optimizer(student, cfg)
+    autocast = train.make_autocast(cfg, device)
+    ncfg = cfg["neco"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    queue = train.PatchQueue(ncfg["queue_size"], cfg["model"]["head_out"], device)
+    refs = train.make_reference_sampler(ncfg, queue, gen, args.batch)
+    crops, boxes = synthetic_step_inputs(cfg, device)
+    momentum = cfg["optim"]["momentum_teacher"]
+
+    def step():
+        return train.train_step(student, student, teacher, optimizer, queue, gen, crops, boxes, refs, cfg,
+                                autocast, momentum)
+
+    try:
+        for _ in range(args.warmup):
+            step()
+        reset_peak(args.device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            loss, finite = step()
+        sync(args.device)
+        ms = (time.perf_counter() - start) * 1e3 / args.steps
+        peak = peak_bytes(args.device)
+        phases = [step_phases(student, teacher, optimizer, queue, gen, crops, boxes, refs, cfg, autocast,
+                              args.device) for _ in range(args.breakdown)]
+    except torch.cuda.OutOfMemoryError:
+        print(json.dumps({"oom": True}))
+        return
+    if not finite.item():
+        raise RuntimeError(f"{args.path} path: non-finite loss in the benchmark step")
+    print(json.dumps({"ms": ms, "peak_mib": peak / 2**20, "loss": loss.item(),
+                      "precision": "bf16" if autocast_on(cfg, device) else "fp32",
+                      **{p: statistics.median(r[p] for r in phases) for p in PHASES}}))
+
+
+def cmd_train(args):
+    device = pick_device(args.device)
+    cuda = device == "cuda"
+    defaults = {"batch": 64 if cuda else 4, "global_size": 518 if cuda else 224, "steps": 10 if cuda else 3,
+                "warmup": 3 if cuda else 1}
+    shape = {key: default if getattr(args, key) is None else getattr(args, key) for key, default in defaults.items()}
+    if min(shape["batch"], shape["global_size"], shape["steps"], args.breakdown) < 1 or shape["warmup"] < 0:
+        raise ValueError("--batch, --global-size, --steps and --breakdown must be >= 1, --warmup >= 0")
+    results = []
+    for path in args.paths:
+        batch = shape["batch"]
+        while True:  # the faithful path may not fit at the fast path's batch: halve it until it does
+            one = run_child(["train-one", path, "--device", device, "--arch", args.arch, "--batch", batch,
+                             "--global-size", shape["global_size"], "--local-size", args.local_size,
+                             "--steps", shape["steps"], "--warmup", shape["warmup"], "--breakdown", args.breakdown]
+                            + (["--compile"] if args.compile else []))
+            if not one.get("oom") or batch == 1:
+                break
+            print(json.dumps({"bench": "train", "path": path, "batch": batch, "oom": True}), flush=True)
+            batch //= 2
+        if one.get("oom"):
+            raise RuntimeError(f"{path} path: out of memory even at batch 1")
+        line = {"bench": "train", "path": path, "arch": args.arch, "device": device, "batch": batch,
+                "global_size": shape["global_size"], "local_size": args.local_size,
+                "compile": args.compile and path == "fast", **{k: round(v, 4 if k == "loss" else 1)
+                                                               for k, v in one.items() if k != "precision"},
+                "precision": one["precision"], "img_per_s": round(batch * 1e3 / one["ms"], 2)}
+        print(json.dumps(line), flush=True)
+        results.append(line)
+    print(f"\ntraining step, {args.arch}, 2 x {shape['global_size']} + 4 x {args.local_size} px crops, "
+          f"{device_name(device)}; ms/step over {shape['steps']} steps after {shape['warmup']} warm-up; phases "
+          f"(ms, median of {args.breakdown} steps cut into phases with a sync between them); peak = "
+          f"{'max allocated' if cuda else 'peak resident set of the process'}\n")
+    table(["path", "precision", "batch", "ms/step", "images/s", "peak MiB", *(f"{p} ms" for p in PHASE_NAMES)],
+          [[r["path"], r["precision"], r["batch"], r["ms"], r["img_per_s"], r["peak_mib"], *[r[p] for p in PHASES]]
+           for r in results])
+    by_path = {r["path"]: r for r in results}
+    if {"fast", "faithful"} <= by_path.keys():
+        ratio = by_path["fast"]["img_per_s"] / by_path["faithful"]["img_per_s"]
+        print(f"\nfast path: {ratio:.2f}x the faithful path's images/s")
+    fast = by_path.get("fast")
+    if fast and (args.arch, fast["batch"], fast["global_size"], fast["local_size"]) == PAPER_SHAPE:
+        hours = 25 * (118287 // 64) * 64 / fast["img_per_s"] / 3600
+        print(f"25 COCO epochs (1,848 steps of 64 images each) at the fast path's speed: {hours:.2f} h")
+
+
+# -----------------------------------------------------------------------------
+# sort: diff_sort against diffsort 0.2.0
 
 METHODS = ("ours", "diffsort")
 
@@ -41,7 +296,7 @@ def dense_rows_cap(n, network, max_mib):
 def make_sorter(method, n, args):
     """A function x (rows, n) -> (x_sorted, P) for the method."""
     if method == "ours":
-        return sort.DiffSort(n, args.network, args.steepness, args.distribution)
+        return sort.DiffSort(n, args.network, args.steepness, args.distribution, check_finite=False)  # as train.py
     try:
         import diffsort
     except ImportError:
@@ -65,52 +320,20 @@ def forward_backward(sorter, x, grads):
     x.grad = None
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def cpu_name():
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
-
-
-def resident_bytes():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_resident_bytes():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status; peak memory needs Linux")
-
-
 def timed_peak_run(sorter, x, grads, device):
-    """(ms, peak MiB) of one forward+backward. Peak = memory in use above what was in use just before the run
-    (inputs, gradients, code). CUDA: the allocator's peak. CPU: the process's peak resident set (VmHWM, reset
-    through clear_refs), which counts every allocation, torch's or not; hence one fresh process per method."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                                        # resets VmHWM to the current resident set
-        base = resident_bytes()
+    """(ms, peak MiB) of one forward+backward; peak = memory in use above what was in use just before the run
+    (inputs, gradients, code)."""
+    base = reset_peak(device)
     start = time.perf_counter()
     forward_backward(sorter, x, grads)
     sync(device)
     ms = (time.perf_counter() - start) * 1e3
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_resident_bytes()
-    return ms, (peak - base) / 2**20
+    return ms, (peak_bytes(device) - base) / 2**20
 
 
 def cmd_sort_one(args):
-    """Child process of `sort`, one per method and n: a run on 64 rows loads the method's code and lazy state,
-    then `repeats` runs on the real input, the first of which gives the peak memory. Prints JSON."""
+    """Child of `sort` and `scaling`, one per method and shape: a run on 64 rows loads the method's code and lazy
+    state, then `repeats` runs on the real input, the first of which gives the peak memory. Prints JSON."""
     sorter = make_sorter(args.method, args.n, args)
     forward_backward(sorter, *sort_inputs(64, args.n, args.device))
     x, grads = sort_inputs(args.rows, args.n, args.device)
@@ -122,19 +345,13 @@ def cmd_sort_one(args):
     print(json.dumps({"ms": statistics.median(times), "peak_mib": peak}))
 
 
-def run_one(method, n, rows, args):
-    command = [sys.executable, os.path.abspath(__file__), "sort-one", method, str(n), str(rows),
-               "--repeats", str(args.repeats), "--network", args.network, "--steepness", str(args.steepness),
-               "--distribution", args.distribution, "--device", args.device]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"sort-one {method} n={n} failed: {done.stderr.strip()[-300:]}")
-    return json.loads(done.stdout)
+def run_sort_child(method, n, rows, args):
+    return run_child(["sort-one", method, n, rows, "--repeats", args.repeats, "--network", args.network,
+                      "--steepness", args.steepness, "--distribution", args.distribution, "--device", args.device])
 
 
 def cmd_sort(args):
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device available")
+    args.device = pick_device(args.device)
     results = []
     for n in args.n:
         sort.check_arguments(n, args.network, args.steepness, args.distribution)
@@ -142,21 +359,124 @@ def cmd_sort(args):
         line = {"bench": "sort", "n": n, "rows": rows, "network": args.network, "distribution": args.distribution,
                 "steepness": args.steepness, "device": args.device, "threads": torch.get_num_threads()}
         for method in METHODS:                                  # one after the other, each in a fresh process
-            one = run_one(method, n, rows, args)
+            one = run_sort_child(method, n, rows, args)
             line.update({f"{method}_ms": round(one["ms"], 1), f"{method}_peak_mib": round(one["peak_mib"], 1)})
         line["speedup"] = round(line["diffsort_ms"] / line["ours_ms"], 2)
         line["memory_ratio"] = round(line["diffsort_peak_mib"] / max(line["ours_peak_mib"], 1e-3), 2)
         print(json.dumps(line), flush=True)
         results.append(line)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else \
-        f"{cpu_name()}, {torch.get_num_threads()} threads"
-    print(f"\nforward+backward, {args.network}, {args.distribution}, steepness {args.steepness}, {device}, "
-          f"median of {args.repeats}; peak = memory above the inputs during one forward+backward\n")
-    print("| rows | n | ours ms | diffsort ms | speedup | ours peak MiB | diffsort peak MiB | memory ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['rows']} | {r['n']} | {r['ours_ms']} | {r['diffsort_ms']} | {r['speedup']}x | "
-              f"{r['ours_peak_mib']} | {r['diffsort_peak_mib']} | {r['memory_ratio']}x |")
+    print(f"\nforward+backward, {args.network}, {args.distribution}, steepness {args.steepness}, "
+          f"{device_name(args.device)}, median of {args.repeats}; peak = memory above the inputs during one "
+          f"forward+backward\n")
+    table(["rows", "n", "ours ms", "diffsort ms", "speedup", "ours peak MiB", "diffsort peak MiB", "memory ratio"],
+          [[r["rows"], r["n"], r["ours_ms"], r["diffsort_ms"], f"{r['speedup']}x", r["ours_peak_mib"],
+            r["diffsort_peak_mib"], f"{r['memory_ratio']}x"] for r in results])
+
+
+# -----------------------------------------------------------------------------
+# incontext: the exact k-NN search of the in-context protocol
+
+VOC_VAL_IMAGES, PATCHES_504 = 1449, 36 * 36  # VOC val, 504 px -> 36 x 36 patches per image
+
+
+def random_unit_rows(n, dim, dtype, device, seed, chunk=1 << 20):
+    """(n, dim) random unit vectors, made chunk by chunk on the device (10.24M x 384 at once in float32 would be
+    15.7 GB)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = torch.empty(n, dim, dtype=dtype, device=device)
+    for start in range(0, n, chunk):
+        x = torch.randn(min(chunk, n - start), dim, generator=g, device=device)
+        out[start:start + len(x)] = torch.nn.functional.normalize(x, dim=1)
+    return out
+
+
+def cmd_incontext_one(args):
+    """Child of `incontext` and `scaling`: keys as evaluate.build_memory keeps them (float16 on CUDA, float32 on
+    the CPU), queries made per batch of `batch_images` images outside the timed part, evaluate.topk_inner_product
+    timed per batch. Peak = memory above the keys. Prints JSON."""
+    key_dtype = torch.float16 if args.device == "cuda" else torch.float32
+    keys = random_unit_rows(args.memory, args.dim, key_dtype, args.device, seed=0)
+    evaluate.topk_inner_product(random_unit_rows(64, args.dim, torch.float32, args.device, 1), keys[:4096], args.k)
+    base = reset_peak(args.device)
+    seconds = 0.0
+    for first in range(0, args.images, args.batch_images):
+        n_images = min(args.batch_images, args.images - first)
+        queries = random_unit_rows(n_images * args.patches, args.dim, torch.float32, args.device, seed=1 + first)
+        sync(args.device)
+        start = time.perf_counter()
+        scores, indices = evaluate.topk_inner_product(queries, keys, args.k)  # (q, k) each
+        sync(args.device)
+        seconds += time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_mib": (peak_bytes(args.device) - base) / 2**20}))
+
+
+def incontext_line(device, memory, images, args):
+    one = run_child(["incontext-one", "--device", device, "--memory", memory, "--images", images, "--dim", args.dim,
+                     "--k", args.k, "--patches", args.patches, "--batch-images", args.batch_images])
+    queries = images * args.patches
+    flops_per_s = 2 * args.dim * queries * memory / one["seconds"]  # 2 x dim flops per query-key product
+    voc_flops = 2 * 384 * VOC_VAL_IMAGES * PATCHES_504 * 10_240_000
+    return {"bench": "incontext", "device": device, "memory": memory, "queries": queries, "dim": args.dim,
+            "k": args.k, "seconds": float(f"{one['seconds']:.4g}"), "peak_mib": round(one["peak_mib"], 1),
+            "tflops": round(flops_per_s / 1e12, 3),
+            "voc_scale_minutes": round(voc_flops / flops_per_s / 60, 1)}  # measured or, if smaller, projected
+
+
+def cmd_incontext(args):
+    device = pick_device(args.device)
+    cuda = device == "cuda"
+    memory = args.memory or (10_240_000 if cuda else 262_144)
+    images = args.images or (VOC_VAL_IMAGES if cuda else 8)
+    line = incontext_line(device, memory, images, args)
+    print(json.dumps(line), flush=True)
+    full = (memory, images, args.patches, args.dim) == (10_240_000, VOC_VAL_IMAGES, PATCHES_504, 384)
+    print(f"\nin-context search (evaluate.topk_inner_product), k {args.k}, dim {args.dim}, "
+          f"{'float16' if cuda else 'float32'} keys, {args.batch_images} images of {args.patches} queries per "
+          f"call, {device_name(device)}; peak = memory above the keys; TFLOP/s counts the 2 x dim flops of each "
+          f"query-key product\n")
+    table(["memory", "queries", "seconds", "peak MiB", "TFLOP/s",
+           f"VOC scale (10.24M x 1.88M), min{'' if full else ', projected linearly'}"],
+          [[line["memory"], line["queries"], line["seconds"], line["peak_mib"], line["tflops"],
+            line["voc_scale_minutes"]]])
+
+
+# -----------------------------------------------------------------------------
+# scaling: how sort and search costs grow
+
+
+def cmd_scaling(args):
+    device = pick_device(args.device)
+    args.device = device
+    cuda = device == "cuda"
+    sort_rows = args.sort_rows or (3136 if cuda else 392)
+    rows_list = args.rows or ([784, 3136, 12544, 50176] if cuda else [196, 784, 3136])
+    memories = args.memories or ([1_280_000, 2_560_000, 5_120_000, 10_240_000] if cuda else
+                                 [32_768, 65_536, 131_072, 262_144])
+    images = args.images or (16 if cuda else 4)
+    sort_lines, search_lines = [], []
+    points = [(n, sort_rows) for n in args.n]
+    points += [(49, rows) for rows in rows_list if (49, rows) not in points]  # NeCo's n, more and more rows
+    for n, rows in points:
+        sort.check_arguments(n, args.network, args.steepness, args.distribution)
+        one = run_sort_child("ours", n, rows, args)
+        line = {"bench": "scaling_sort", "n": n, "rows": rows, "device": device, "ms": round(one["ms"], 1),
+                "peak_mib": round(one["peak_mib"], 1), "layers": sum(
+                    len(stage.layers) for stage in sort.build_layout(n, args.network)[1])}
+        print(json.dumps(line), flush=True)
+        sort_lines.append(line)
+    for memory in memories:
+        line = incontext_line(device, memory, images, args)
+        line["bench"] = "scaling_search"
+        print(json.dumps(line), flush=True)
+        search_lines.append(line)
+    print(f"\n{device_name(device)}\n\nsort.diff_sort forward+backward ({args.network}, {args.distribution}, "
+          f"steepness {args.steepness}, median of {args.repeats}); peak = memory above the inputs\n")
+    table(["n", "rows", "network layers", "ms", "peak MiB", "ms per row"],
+          [[r["n"], r["rows"], r["layers"], r["ms"], r["peak_mib"], round(r["ms"] / r["rows"], 4)]
+           for r in sort_lines])
+    print(f"\nin-context search (k {args.k}, {images * args.patches} queries)\n")
+    table(["memory", "seconds", "peak MiB", "TFLOP/s"],
+          [[r["memory"], r["seconds"], r["peak_mib"], r["tflops"]] for r in search_lines])
 
 
 # -----------------------------------------------------------------------------
@@ -166,12 +486,33 @@ def add_sort_options(p):
     p.add_argument("--network", default="bitonic", choices=sort.NETWORKS)
     p.add_argument("--steepness", type=float, default=100.0)
     p.add_argument("--distribution", default="cauchy", choices=sort.DISTRIBUTIONS)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+
+
+def add_search_options(p):
+    p.add_argument("--dim", type=int, default=384, help="feature dim (ViT-S: 384)")
+    p.add_argument("--k", type=int, default=30, help="neighbours")
+    p.add_argument("--patches", type=int, default=PATCHES_504, help="queries per image (504 px: 36 x 36)")
+    p.add_argument("--batch-images", type=int, default=16, help="images searched per call (eval.incontext.batch_size)")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    devices = ("auto", "cpu", "cuda")
+
+    p = commands.add_parser("train", help="training step: fast path vs faithful fp32 path, with a breakdown")
+    p.add_argument("--arch", default="dinov2_vits14_reg", help="model.arch (random weights of that architecture)")
+    p.add_argument("--batch", type=int, help="images per step (default: 64 on CUDA, 4 on the CPU)")
+    p.add_argument("--global-size", type=int, help="global crop size (default: 518 on CUDA, 224 on the CPU)")
+    p.add_argument("--local-size", type=int, default=98, help="local crop size")
+    p.add_argument("--steps", type=int, help="timed steps (default: 10 on CUDA, 3 on the CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default: 3 on CUDA, 1 on the CPU)")
+    p.add_argument("--breakdown", type=int, default=2, help="steps cut into phases (the median is reported)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbones' blocks in the fast path")
+    p.add_argument("--paths", nargs="+", default=["fast", "faithful"], choices=list(PATHS),
+                   help="fp32_sdpa: faithful numerics with the fused attention kernel")
+    p.add_argument("--device", default="auto", choices=devices)
+    p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("sort", help="diff_sort vs diffsort.DiffSortNet: forward+backward time and peak memory")
     p.add_argument("--rows", type=int, default=3136, help="rows sorted at once (NeCo: 64 images x 49 queries)")
@@ -179,21 +520,59 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
     p.add_argument("--dense-max-mib", type=float, default=4700,
                    help="use fewer rows (for both methods) where diffsort would need more memory than this")
+    p.add_argument("--device", default="auto", choices=devices)
     add_sort_options(p)
     p.set_defaults(run=cmd_sort)
 
-    p = commands.add_parser("sort-one", help="internal: time and peak memory of one method, in this process")
+    p = commands.add_parser("incontext", help="the in-context k-NN search on random features: time, peak memory")
+    p.add_argument("--memory", type=int, help="memory patches (default: 10,240,000 on CUDA, 262,144 on the CPU)")
+    p.add_argument("--images", type=int, help="val images searched (default: 1,449 on CUDA, 8 on the CPU)")
+    p.add_argument("--device", default="auto", choices=devices)
+    add_search_options(p)
+    p.set_defaults(run=cmd_incontext)
+
+    p = commands.add_parser("scaling", help="sort cost against n and rows; search time against memory size")
+    p.add_argument("--n", type=int, nargs="+", default=[16, 32, 49, 64, 128, 256], help="sort lengths")
+    p.add_argument("--sort-rows", type=int, help="rows for the n sweep (default: 3136 on CUDA, 392 on the CPU)")
+    p.add_argument("--rows", type=int, nargs="+", help="rows for the sweep at n = 49")
+    p.add_argument("--memories", type=int, nargs="+", help="memory sizes of the search sweep")
+    p.add_argument("--images", type=int, help="val images of the search sweep (default: 16 on CUDA, 4 on the CPU)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=devices)
+    add_sort_options(p)
+    add_search_options(p)
+    p.set_defaults(run=cmd_scaling)
+
+    # children: one measurement in this process
+    p = commands.add_parser("train-one", help="internal: one path of `train`")
+    p.add_argument("path", choices=list(PATHS))
+    for name in ("--batch", "--global-size", "--local-size", "--steps", "--warmup", "--breakdown"):
+        p.add_argument(name, type=int, required=True)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", required=True, choices=("cpu", "cuda"))
+    p.set_defaults(run=cmd_train_one)
+
+    p = commands.add_parser("sort-one", help="internal: one method and shape of `sort`")
     p.add_argument("method", choices=METHODS)
     p.add_argument("n", type=int)
     p.add_argument("rows", type=int)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", required=True, choices=("cpu", "cuda"))
     add_sort_options(p)
     p.set_defaults(run=cmd_sort_one)
+
+    p = commands.add_parser("incontext-one", help="internal: one search of `incontext`")
+    for name in ("--memory", "--images"):
+        p.add_argument(name, type=int, required=True)
+    p.add_argument("--device", required=True, choices=("cpu", "cuda"))
+    add_search_options(p)
+    p.set_defaults(run=cmd_incontext_one)
 
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError, train.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -77,13 +77,19 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)  # rows: q | k | v, heads contiguous within each
         self.proj = nn.Linear(dim, dim)
+        self.fused = True  # False: the explicit softmax(q k^T / sqrt(d)) v of DINOv2's plain Attention class
 
     def forward(self, x):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        # SDPA uses the default scale head_dim^-0.5 and lets torch pick flash / memory-efficient kernels on GPU
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        if self.fused:
+            # SDPA uses the default scale head_dim^-0.5 and picks flash / memory-efficient kernels on GPU: the
+            # (N, N) attention matrix is never stored
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        else:
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -216,6 +222,11 @@ class DinoVisionTransformer(nn.Module):
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)  # (B, 1 + R + N, D)
         return x
+
+    def set_fused_attention(self, fused):
+        """True: scaled_dot_product_attention (flash / memory-efficient kernels); False: the explicit formula."""
+        for block in self.blocks:
+            block.attn.fused = fused
 
     def run_block(self, block, x):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -207,13 +207,17 @@ def build_models(cfg):
 
 
 def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
-    """RoI-align teacher crop g and student crop v over their intersection -> (B, roi_size^2, out) each."""
+    """RoI-align teacher crop g and student crop v over their intersection -> (B, roi_size^2, out) each, at least
+    float32: under bf16 autocast the maps come out of the head in bf16, and the loss runs in float32 (roi_align
+    also needs maps and boxes of one dtype)."""
     B = boxes.shape[0]
-    roi_g, roi_v = crop_intersection_rois(boxes[:, g], boxes[:, v], maps_t[g].shape[1], maps_s[v].shape[1])
+    map_t, map_s = (m.float() if m.element_size() < 4 else m for m in (maps_t[g], maps_s[v]))
+    roi_g, roi_v = crop_intersection_rois(boxes[:, g], boxes[:, v], map_t.shape[1], map_s.shape[1])
     batch_idx = torch.arange(B, device=boxes.device, dtype=boxes.dtype)[:, None]
-    q_t = roi_align(maps_t[g].permute(0, 3, 1, 2), torch.cat([batch_idx, roi_g], 1), roi_size,
+    rois_t, rois_s = (torch.cat([batch_idx, roi], 1).to(m.dtype) for roi, m in ((roi_g, map_t), (roi_v, map_s)))
+    q_t = roi_align(map_t.permute(0, 3, 1, 2), rois_t, roi_size,
                     spatial_scale=1.0, sampling_ratio=ROI_SAMPLING, aligned=True)  # (B, out, r, r)
-    q_s = roi_align(maps_s[v].permute(0, 3, 1, 2), torch.cat([batch_idx, roi_v], 1), roi_size,
+    q_s = roi_align(map_s.permute(0, 3, 1, 2), rois_s, roi_size,
                     spatial_scale=1.0, sampling_ratio=ROI_SAMPLING, aligned=True)
     return q_t.flatten(2).transpose(1, 2), q_s.flatten(2).transpose(1, 2)  # (B, r*r, out)
 
@@ -224,8 +228,10 @@ ROI_SAMPLING = 2  # bilinear samples per output cell side in roi_align (data.py'
 def sort_cross_entropy(sim_s, sim_t, ncfg):
     """sim_*: (R, n) similarities of R queries to n references. Sort both; cross-entropy of the student's relaxed
     permutation matrices against the teacher's, summed over ranks, averaged over queries and references."""
+    # check_finite=False: no host sync for a NaN check; non-finite similarities give a non-finite loss, and
+    # train_step skips that step on the device
     kw = dict(network=ncfg["sort_network"], steepness=ncfg["sort_steepness"],
-              distribution=ncfg["sort_distribution"], art_lambda=ncfg["sort_art_lambda"])
+              distribution=ncfg["sort_distribution"], art_lambda=ncfg["sort_art_lambda"], check_finite=False)
     with torch.no_grad():
         _, P_t = diff_sort(sim_t, **kw)  # (R, n, n)
     _, P_s = diff_sort(sim_s, **kw)
@@ -235,10 +241,11 @@ def sort_cross_entropy(sim_s, sim_t, ncfg):
     return -(P_t * log_P_s).sum(-1).mean()
 
 
-def neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg):
+def pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg):
     """maps_t: 2 teacher maps (B, h, w, out); maps_s: V student maps; boxes (B, V, 4) in image pixels.
     refs_for_pair(g, q_t) -> (B, n_ref, out) teacher reference patches for that pair.
-    Returns the mean over the 10 (g, v) pairs of the sort cross-entropy."""
+    Returns (sim_s, sim_t), each (10*B*Q, n_ref) float32: the cosine similarities of every query patch of the
+    10 (g, v) pairs (g a global crop, v any other crop) to its image's references."""
     sims_s, sims_t = [], []
     for g in range(2):
         for v in range(len(maps_s)):
@@ -246,14 +253,16 @@ def neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg):
                 continue
             q_t, q_s = pair_queries(maps_t, maps_s, boxes, g, v, ncfg["roi_size"])  # (B, Q, out)
             refs = F.normalize(refs_for_pair(g, q_t).float(), dim=-1)  # (B, n_ref, out)
-            sims_t.append(F.normalize(q_t.float(), dim=-1) @ refs.transpose(1, 2))  # (B, Q, n_ref) cosine
-            sims_s.append(F.normalize(q_s.float(), dim=-1) @ refs.transpose(1, 2))
-    # all pairs in one sort call: every pair has B*Q rows, so the mean over rows is the mean over pairs
+            sims_t.append(F.normalize(q_t, dim=-1) @ refs.transpose(1, 2))  # (B, Q, n_ref) cosine
+            sims_s.append(F.normalize(q_s, dim=-1) @ refs.transpose(1, 2))
     n_ref = sims_s[0].shape[-1]
-    sim_s, sim_t = torch.cat(sims_s).reshape(-1, n_ref), torch.cat(sims_t).reshape(-1, n_ref)  # (10*B*Q, n_ref)
-    if not (torch.isfinite(sim_s).all() and torch.isfinite(sim_t).all()):
-        return sim_s.sum() * float("nan")  # diverged features: the caller skips the step (diff_sort rejects NaN)
-    return sort_cross_entropy(sim_s, sim_t, ncfg)
+    return torch.cat(sims_s).reshape(-1, n_ref), torch.cat(sims_t).reshape(-1, n_ref)
+
+
+def neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg):
+    """The mean over the 10 (g, v) pairs of the sort cross-entropy: all pairs go through one sort call, and every
+    pair has B*Q rows, so the mean over rows is the mean over pairs."""
+    return sort_cross_entropy(*pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg), ncfg)
 
 
 # -----------------------------------------------------------------------------
@@ -442,6 +451,31 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size()
 
 
+def make_optimizer(student, cfg):
+    o = cfg["optim"]
+    return torch.optim.AdamW(param_groups(student, cfg), lr=o["lr_backbone"], betas=tuple(o["betas"]),
+                             weight_decay=o["weight_decay"], fused=cfg["train"]["fused_adamw"])
+
+
+def speed_settings(student, teacher, cfg, compile_backend="inductor"):
+    """The train.* switches that change speed and memory, not the method: attention kernel, activation
+    checkpointing, torch.compile. Compiling block by block leaves the loop over blocks (and activation
+    checkpointing around each block) as it is; the blocks compile once per crop size."""
+    t = cfg["train"]
+    student.backbone.grad_checkpointing = t["grad_checkpointing"]
+    for net in (student, teacher):
+        net.backbone.set_fused_attention(t["fused_attention"])
+        if t["compile"]:
+            for block in net.backbone.blocks:
+                block.compile(backend=compile_backend)
+
+
+def make_autocast(cfg, device):
+    """bf16 autocast of the networks on CUDA (train.precision bf16); a no-op context otherwise."""
+    return torch.autocast("cuda", dtype=torch.bfloat16,
+                          enabled=device.type == "cuda" and cfg["train"]["precision"] == "bf16")
+
+
 def pick_device(cfg):
     want = cfg["train"]["device"]
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
@@ -483,10 +517,8 @@ def train(cfg, demo=False):
         raise ConfigError(f"model: {e}")
     student.to(device).train()
     teacher.to(device).eval()
-    student.backbone.grad_checkpointing = cfg["train"]["grad_checkpointing"]
     use_cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), lr=o["lr_backbone"], betas=tuple(o["betas"]),
-                                  weight_decay=o["weight_decay"], fused=cfg["train"]["fused_adamw"])
+    optimizer = make_optimizer(student, cfg)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # queue and reference draws, same on all ranks
     queue = PatchQueue(ncfg["queue_size"], cfg["model"]["head_out"], device)
 
@@ -508,11 +540,8 @@ def train(cfg, demo=False):
     model = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if use_cuda else None)
-    if cfg["train"]["compile"] and use_cuda:
-        student.backbone.compile()
-        teacher.backbone.compile()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=use_cuda and cfg["train"]["precision"] == "bf16")
+    speed_settings(student, teacher, cfg)
+    autocast = make_autocast(cfg, device)
     refs_for_pair = make_reference_sampler(ncfg, queue, gen, o["batch_size"] // world)
 
     def checkpoint():
@@ -552,8 +581,8 @@ def train(cfg, demo=False):
         pending.clear()
         if is_main:
             log.flush()
-            bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-", lr=f"{o['lr_backbone'] * sched['lr_scale']:.2e}",
-                            img_s=f"{img_per_s:.1f}", refresh=False)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-",
+                            lr=f"{o['lr_backbone'] * sched['lr_scale']:.2e}", img_s=f"{img_per_s:.1f}", refresh=False)
         if bad_in_a_row >= cfg["train"]["max_bad_steps"]:
             checkpoint()
             raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or no readable image "
@@ -575,7 +604,7 @@ def train(cfg, demo=False):
                 if group["apply_wd"]:
                     group["weight_decay"] = sched["wd"]
             if crops is None:  # no readable image in this batch: counts as a bad step
-                loss, finite = torch.tensor(float("nan")), torch.tensor(False)
+                loss, finite = torch.tensor(float("nan"), device=device), torch.tensor(False, device=device)
             else:
                 crops = [c.to(device, non_blocking=True) for c in crops]
                 boxes = boxes.to(device, non_blocking=True)
@@ -604,40 +633,60 @@ def train(cfg, demo=False):
     return step
 
 
-def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
-               momentum):
-    """One NeCo step. Returns (loss, finite) as device tensors; a non-finite loss leaves student, teacher and
-    optimizer untouched (the step is skipped) without the host waiting for the device."""
-    ncfg = cfg["neco"]
+def teacher_maps(teacher, queue, gen, crops, ncfg, autocast):
+    """The teacher's maps of the 2 global crops; in queue mode this step's teacher patches are pushed before the
+    references are drawn (method.md)."""
     with torch.no_grad(), autocast:
         maps_t = teacher(crops[:2])  # 2 x (B, h, w, out): the teacher sees the global crops only
     if ncfg["references"] == "queue":
-        for g in range(2):  # push this step's teacher patches before drawing references (method.md)
+        for g in range(2):
             patches = all_gather_cat(maps_t[g].flatten(0, 2))  # (global_B * h * w, out)
             global_B = patches.shape[0] // (maps_t[g].shape[1] * maps_t[g].shape[2])
             queue.push(g, patches, 10 * global_B, gen)
-    with autocast:
-        maps_s = model(crops)  # V x (B, h_v, w_v, out): the student sees every crop
-    loss = neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg)
+    return maps_t
+
+
+def all_ranks_finite(loss):
+    """A device bool: the loss is finite on every rank (every rank skips together)."""
     finite = torch.isfinite(loss)
-    if dist.is_available() and dist.is_initialized():  # every rank skips together
+    if dist.is_available() and dist.is_initialized():
         flag = finite.float()
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         finite = flag > 0
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg["optim"]["clip_grad"] > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["optim"]["clip_grad"], foreach=True)
+    return finite
+
+
+def update(student, teacher, optimizer, finite, momentum, clip_grad):
+    """AdamW step of the student and EMA of the teacher, both skipped when `finite` (a device bool) is False."""
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad, foreach=True)
     if optimizer.defaults.get("fused"):
         # the fused AdamW kernel skips its update on the device when found_inf is set (GradScaler's mechanism)
         optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
         optimizer.step()
     elif finite.item():  # unfused optimizer: decide on the host
         optimizer.step()
-    # teacher = m * teacher + (1 - m) * student; the weight is 0 on a skipped step
+    # teacher = m * teacher + (1 - m) * student, as teacher += w * (student - teacher) with w = 0 on a skipped step
+    # (w stays on the device; three multi-tensor kernels)
     weight = (1.0 - momentum) * finite.float()
     t_params = list(teacher.parameters())
-    torch._foreach_lerp_(t_params, [p.detach() for p in student.parameters()], [weight] * len(t_params))
+    delta = torch._foreach_sub([p.detach() for p in student.parameters()], t_params)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(t_params, delta)
+
+
+def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
+               momentum):
+    """One NeCo step. Returns (loss, finite) as device tensors; a non-finite loss leaves student, teacher and
+    optimizer untouched (the step is skipped) without the host waiting for the device."""
+    maps_t = teacher_maps(teacher, queue, gen, crops, cfg["neco"], autocast)
+    with autocast:
+        maps_s = model(crops)  # V x (B, h_v, w_v, out): the student sees every crop
+    loss = neco_loss(maps_t, maps_s, boxes, refs_for_pair, cfg["neco"])
+    finite = all_ranks_finite(loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    update(student, teacher, optimizer, finite, momentum, cfg["optim"]["clip_grad"])
     return loss.detach(), finite
 
 

@@ -122,9 +122,14 @@ def explicit_attention(attn, x):
     return out @ attn.proj.weight.double().T + attn.proj.bias.double()
 
 
-def test_sdpa_attention_equals_softmax_formula():
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_equals_softmax_formula(fused):
+    """Both attention paths (SDPA, the fast path; the explicit formula, train.fused_attention false) against a
+    per-head float64 softmax written here."""
     vit = tiny()
+    vit.set_fused_attention(fused)
     attn = vit.blocks[0].attn
+    assert all(block.attn.fused == fused for block in vit.blocks)
     with torch.no_grad():
         attn.qkv.weight.mul_(10)  # sharper attention than at init, so that the softmax matters
         x = torch.randn(2, 21, 192)

@@ -271,6 +271,32 @@ def test_bad_arguments(call, message):
         call()
 
 
+@pytest.mark.parametrize("network", NETWORKS)
+def test_check_finite_off_keeps_rows_apart(network):
+    """check_finite=False (train.py's setting: no host sync) sorts a NaN row into NaNs without an error, and
+    rows stay independent: the finite rows' values and gradients equal a sort of the finite rows alone."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    x_bad = x.clone()
+    x_bad[2, 5] = float("nan")
+    x_bad[4, 0] = float("inf")
+    grads = torch.randn(6, 12, generator=g, dtype=torch.float64), torch.randn(6, 12, 12, generator=g,
+                                                                            dtype=torch.float64)
+    x_bad.requires_grad_()
+    s_bad, P_bad = diff_sort(x_bad, network, steepness=20.0, check_finite=False)
+    torch.autograd.backward((s_bad, P_bad), grads)
+    keep = torch.tensor([0, 1, 3, 5])
+    x_ok = x[keep].clone().requires_grad_()
+    s_ok, P_ok = DiffSort(12, network, steepness=20.0, check_finite=False)(x_ok)
+    torch.autograd.backward((s_ok, P_ok), (grads[0][keep], grads[1][keep]))
+    assert not torch.isfinite(P_bad[2]).all() and not torch.isfinite(P_bad[4]).all()
+    torch.testing.assert_close(P_bad[keep], P_ok, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_bad[keep], s_ok, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_bad.grad[keep], x_ok.grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="contains NaN"):
+        DiffSort(12, network)(x_bad)                           # the default still refuses
+
+
 # -----------------------------------------------------------------------------
 # the oracle: diffsort 0.2.0, which NeCo's public code used
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 from torchvision.io import write_jpeg
 
 import train
@@ -198,6 +199,155 @@ def test_batch_mode_and_nonfinite_skip(tmp_path, images, fused):
         assert torch.equal(v, teacher_before[k]) or k == "head.mlp.0.weight"
         if k == "head.mlp.0.weight":
             assert torch.equal(v.flatten()[1:], teacher_before[k].flatten()[1:])
+
+
+def one_step(cfg, fast, autocast=None):
+    """One train_step from the same start on the same batch: the fast path (SDPA, fused AdamW) or the faithful
+    one (explicit attention, for-loop AdamW). Returns loss, the student's gradients, its start and end weights."""
+    torch.manual_seed(0)
+    student, teacher, _, gen, queue = make_run(cfg)
+    for net in (student, teacher):
+        net.backbone.set_fused_attention(fast)
+    opt = torch.optim.AdamW(train.param_groups(student, cfg), lr=cfg["optim"]["lr_backbone"], fused=fast,
+                            foreach=False if not fast else None)
+    crops, boxes = synthetic_batch(4, cfg)
+    refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    loss, finite = train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
+                                    autocast or torch.autocast("cpu", enabled=False), 0.99)
+    assert finite.item()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return loss, grads, start, student.state_dict()
+
+
+def test_fast_path_step_gives_the_faithful_parameters_in_fp32(tmp_path, images):
+    lr = 1e-3
+    cfg = tiny_cfg(tmp_path, images, **{"optim.lr_backbone": lr, "optim.lr_head": lr})
+    loss_f, grads_f, start, end_f = one_step(cfg, fast=False)
+    loss, grads, _, end = one_step(cfg, fast=True)
+    assert loss.item() == pytest.approx(loss_f.item(), rel=1e-6)
+    g_max = max(g.abs().max() for g in grads_f.values())
+    for name, g in grads_f.items():
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-4 * g_max)
+    # Adam's first step is lr * g / (|g| + eps): where |g| is at float-noise level its sign is noise, so compare
+    # the weights where the gradient is clearly above it (most of them), and bound the rest by the step size
+    checked = 0
+    for name, g in grads_f.items():
+        key = name
+        moved = (end_f[key] - start[key]).abs().max()
+        assert moved > 0.5 * lr                                 # every trained tensor took a real step
+        clear = g.abs() > 1e-5
+        torch.testing.assert_close(end[key][clear], end_f[key][clear], rtol=0, atol=1e-6)
+        assert (end[key] - end_f[key]).abs().max() <= 2.01 * lr
+        checked += clear.sum().item()
+    assert checked > 0.9 * sum(g.numel() for g in grads_f.values())
+
+
+def test_bf16_autocast_step_stays_close_to_fp32(tmp_path, images):
+    """The CUDA fast path runs the networks under bf16 autocast and the RoI-align, similarities, sort and loss in
+    float32; the same on the CPU: the loss within 0.1%, the gradient in the same direction."""
+    cfg = tiny_cfg(tmp_path, images)
+    loss_f, grads_f, _, _ = one_step(cfg, fast=True)
+    loss, grads, _, _ = one_step(cfg, fast=True, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(loss_f.item(), rel=1e-3) and loss.item() != loss_f.item()
+    flat_f = torch.cat([g.flatten() for g in grads_f.values()])
+    flat = torch.cat([grads[n].flatten() for n in grads_f])
+    assert F.cosine_similarity(flat, flat_f, dim=0) > 0.98
+
+
+def test_compile_switch_compiles_the_blocks(tmp_path, images):
+    """train.compile goes through torch.compile (counted here with dynamo's counting backend instead of inductor):
+    same outputs, same state_dict keys (checkpoints stay loadable)."""
+    from torch._dynamo.testing import CompileCounter
+    cfg = tiny_cfg(tmp_path, images, **{"train.compile": True})
+    torch.manual_seed(0)
+    student, teacher = train.build_models(cfg)
+    views = [torch.randn(2, 3, 56, 56)]
+    keys = list(student.state_dict())
+    with torch.no_grad():
+        expected = student(views)[0]
+    counter = CompileCounter()
+    try:
+        train.speed_settings(student, teacher, cfg, compile_backend=counter)
+        with torch.no_grad():
+            got = student(views)[0]
+            teacher(views)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count >= 1 and counter.op_count > 0
+    torch.testing.assert_close(got, expected)
+    assert list(student.state_dict()) == keys
+
+
+class ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that read a tensor's value on the host: .item(), float(t), bool(t) and `if t`, nonzero and
+    boolean-mask indexing, torch.equal; on CUDA each one makes the host wait for the GPU. It does not see
+    .tolist(), .cpu() or blocking host-to-device copies: test_step_does_not_sync_on_cuda covers those on a GPU."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.equal.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_reads_nothing_back_from_the_device(tmp_path, images, fused):
+    """With fused AdamW the whole step (forward, sort, loss, backward, skip decision, optimizer, EMA) reads no value
+    back to the host; the for-loop AdamW reads the skip decision (and, on the CPU, its step counters), which shows
+    that the check can fail."""
+    cfg = tiny_cfg(tmp_path, images)
+    torch.manual_seed(0)
+    student, teacher, _, gen, queue = make_run(cfg)
+    opt = torch.optim.AdamW(train.param_groups(student, cfg), lr=1e-3, fused=fused)
+    crops, boxes = synthetic_batch(4, cfg)
+    refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
+    autocast = torch.autocast("cpu", enabled=False)
+    train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg, autocast, 0.99)  # warm-up
+    with ScalarReads() as mode:
+        loss, finite = train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
+                                        autocast, 0.99)
+    if fused:
+        assert mode.reads == []
+    else:
+        assert "aten._local_scalar_dense.default" in mode.reads
+    assert finite.item() and torch.isfinite(loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_does_not_sync_on_cuda(tmp_path, images):
+    """The fast path's step on a GPU under torch.cuda.set_sync_debug_mode("error"): any synchronising call
+    (a value read, a blocking copy) raises."""
+    cfg = tiny_cfg(tmp_path, images, **{"train.device": "cuda"})
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    student, teacher = train.build_models(cfg)
+    student.to(device).train()
+    teacher.to(device).eval()
+    train.speed_settings(student, teacher, cfg)
+    opt = train.make_optimizer(student, cfg)
+    gen = torch.Generator(device=device).manual_seed(0)
+    queue = train.PatchQueue(cfg["neco"]["queue_size"], cfg["model"]["head_out"], device)
+    refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
+    crops, boxes = synthetic_batch(4, cfg)
+    crops, boxes = [c.to(device) for c in crops], boxes.to(device)
+    autocast = train.make_autocast(cfg, device)
+    train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg, autocast, 0.99)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, finite = train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
+                                        autocast, 0.99)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert finite.item() and torch.isfinite(loss)
 
 
 def test_param_groups_and_schedules(tmp_path, images):
