@@ -6,11 +6,13 @@ table at the end.
     python bench.py sort [--rows 3136] [--n 49 16 64 128]                           # diff_sort vs diffsort
     python bench.py incontext [--memory 10240000] [--images 1449]                   # the in-context search
     python bench.py scaling                                # sort cost against n and rows, search against memory
+    python bench.py augment                                # photometric augmentation: loader (CPU) or device
 
 train: the NeCo training step (train.train_step) on synthetic crops of the real sizes (no dataset), images/s,
-ms per step and peak memory, for the fast path (bf16 autocast on CUDA, SDPA attention, fused AdamW, no host sync)
-and the faithful fp32 path (explicit attention, torch's default AdamW, host-side skip decision) in the same run,
-with a breakdown of the step. CUDA: the paper's shape (ViT-S/14-reg, batch 64, 2 x 518 + 4 x 98 px); the CPU
+ms per step and peak memory, for the fast path (photometric augmentation on the device, bf16 autocast on CUDA,
+SDPA attention, fused AdamW, no host sync) and the faithful fp32 path (explicit attention, torch's default AdamW,
+host-side skip decision; its augmentation runs in the loader workers, outside the step) in the same run, with a
+breakdown of the step. CUDA: the paper's shape (ViT-S/14-reg, batch 64, 2 x 518 + 4 x 98 px); the CPU
 runs a small one (batch 4, 2 x 224 + 4 x 98 px, ~1 min).
 
 sort: forward+backward time and peak memory of sort.diff_sort against diffsort 0.2.0's DiffSortNet (the dense
@@ -21,6 +23,9 @@ need more than --dense-max-mib (n = 128: ~17 GiB at 3136 rows), both methods get
 incontext: evaluate.topk_inner_product, the exact k-NN search of the in-context protocol, on random unit
 features: a memory of 10.24M x 384 patches and 1,449 val images x 1,296 queries searched 16 images at a time
 (as evaluate.py does), k = 30; float16 keys on CUDA as in evaluate.py. The CPU runs a reduced scale.
+
+augment: the photometric augmentation per image, in a loader worker (one CPU thread: the reference
+torchvision pipeline against crops only) and batched on the training device (train.augment_views).
 
 Every measurement runs in a fresh child process, so that its peak memory is its own.
 """
@@ -36,6 +41,7 @@ import time
 
 import torch
 
+import data
 import evaluate
 import sort
 import train
@@ -118,14 +124,17 @@ def table(header, rows):
 # -----------------------------------------------------------------------------
 # train: the training step, fast path against the faithful fp32 path
 
-PATHS = {  # the train.* switches of each path (train.compile is added to the fast path by --compile)
-    "fast": {"precision": "bf16", "fused_attention": True, "fused_adamw": True},
-    "faithful": {"precision": "fp32", "fused_attention": False, "fused_adamw": False},
-    "fp32_sdpa": {"precision": "fp32", "fused_attention": True, "fused_adamw": False},  # ~ the public run's xformers
+PATHS = {  # the config switches of each path (train.compile is added to the fast path by --compile)
+    "fast": {"train.precision": "bf16", "train.fused_attention": True, "train.fused_adamw": True,
+             "data.augment_on_device": True},
+    "faithful": {"train.precision": "fp32", "train.fused_attention": False, "train.fused_adamw": False,
+                 "data.augment_on_device": False},
+    "fp32_sdpa": {"train.precision": "fp32", "train.fused_attention": True, "train.fused_adamw": False,
+                  "data.augment_on_device": False},  # ~ the public run's xformers attention
 }
 PAPER_SHAPE = ("dinov2_vits14_reg", 64, 518, 98)  # arch, batch, global and local crop size of the paper's run
-PHASES = ("teacher_fwd", "student_fwd_bwd", "roi_sim", "sort", "optimizer")
-PHASE_NAMES = ("teacher fwd", "student fwd+bwd", "RoI + sim", "sort + CE", "AdamW + EMA")
+PHASES = ("augment", "teacher_fwd", "student_fwd_bwd", "roi_sim", "sort", "optimizer")
+PHASE_NAMES = ("augment", "teacher fwd", "student fwd+bwd", "RoI + sim", "sort + CE", "AdamW + EMA")
 
 
 def train_bench_config(args):
@@ -133,17 +142,21 @@ def train_bench_config(args):
     sets = [f"model.arch={args.arch}", "model.weights=null", f"optim.batch_size={args.batch}",
             f"data.global_size={args.global_size}", f"data.local_size={args.local_size}",
             f"train.compile={args.compile and args.path == 'fast'}"]
-    sets += [f"train.{key}={value}" for key, value in PATHS[args.path].items()]
+    sets += [f"{key}={value}" for key, value in PATHS[args.path].items()]
     return train.load_config(CONFIG, sets)
 
 
 def synthetic_step_inputs(cfg, device, seed=0):
     """Crops (2 global + n_local local, each (B, 3, s, s)) and crop boxes (B, V, 4) in the pixels of a 640 x 480
-    image, all overlapping one another, as the loader gives them. Random pixels: the cost does not depend on them."""
+    image, all overlapping one another, as the loader gives them: uint8 with data.augment_on_device, else
+    normalised float. Random pixels: the cost does not depend on them."""
     d, B = cfg["data"], cfg["optim"]["batch_size"]
     g = torch.Generator().manual_seed(seed)
     sizes = [d["global_size"]] * 2 + [d["local_size"]] * d["n_local"]
-    crops = [torch.randn(B, 3, s, s, generator=g).to(device) for s in sizes]
+    if d["augment_on_device"]:
+        crops = [torch.randint(0, 256, (B, 3, s, s), generator=g, dtype=torch.uint8).to(device) for s in sizes]
+    else:
+        crops = [torch.randn(B, 3, s, s, generator=g).to(device) for s in sizes]
     xy = torch.rand(B, len(sizes), 2, generator=g) * 100
     wh = 200 + torch.rand(B, len(sizes), 2, generator=g) * 200  # every box holds [100, 200]^2
     return crops, torch.cat([xy, xy + wh], -1).to(device)
@@ -151,8 +164,9 @@ def synthetic_step_inputs(cfg, device, seed=0):
 
 def step_phases(student, teacher, optimizer, queue, gen, crops, boxes, refs, cfg, autocast, device):
     """One training step cut into its phases, with the device synchronised between them -> ms per phase.
-    student_fwd_bwd includes the backward of the RoI-align and similarities (small); roi_sim is their forward;
-    sort is the forward and backward of both sorts and of the cross-entropy; optimizer is AdamW and the EMA."""
+    augment is the on-device photometric augmentation (0 where the loader does it); student_fwd_bwd includes the
+    backward of the RoI-align and similarities (small); roi_sim is their forward; sort is the forward and backward
+    of both sorts and of the cross-entropy; optimizer is AdamW and the EMA."""
     ncfg, ms = cfg["neco"], dict.fromkeys(PHASES, 0.0)
 
     def timed(phase, fn):
@@ -171,6 +185,8 @@ def step_phases(student, teacher, optimizer, queue, gen, crops, boxes, refs, cfg
         loss = train.sort_cross_entropy(sim_s, sim_t, ncfg)
         return loss, torch.autograd.grad(loss, sim_s)[0]  # stops at the similarities
 
+    if cfg["data"]["augment_on_device"]:
+        crops = timed("augment", lambda: train.augment_views(crops, gen, cfg["optim"]["batch_size"]))
     maps_t = timed("teacher_fwd", lambda: train.teacher_maps(teacher, queue, gen, crops, ncfg, autocast))
     maps_s = timed("student_fwd_bwd", student_forward)
     sim_s, sim_t = timed("roi_sim", lambda: train.pair_similarities(maps_t, maps_s, boxes, refs, ncfg))
@@ -189,8 +205,9 @@ def autocast_on(cfg, device):
 
 def cmd_train_one(args):
     """Child of `train`: one path. Warm-up steps (compile, kernel autotuning, the queue fills), then `steps` real
-    train.train_step calls timed together (the device is synchronised only at the ends, as in training), then
-    `breakdown` steps cut into phases. Prints JSON; {"oom": true} when CUDA runs out of memory."""
+    steps timed together (train.augment_views where the path augments on the device, then train.train_step; the
+    device is synchronised only at the ends, as in training), then `breakdown` steps cut into phases. Prints JSON;
+    {"oom": true} when CUDA runs out of memory."""
     cfg = train_bench_config(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -207,8 +224,9 @@ def cmd_train_one(args):
     crops, boxes = synthetic_step_inputs(cfg, device)
     momentum = cfg["optim"]["momentum_teacher"]
 
-    def step():
-        return train.train_step(student, student, teacher, optimizer, queue, gen, crops, boxes, refs, cfg,
+    def step():  # what train.train runs once the batch is on the device
+        views = train.augment_views(crops, gen, args.batch) if cfg["data"]["augment_on_device"] else crops
+        return train.train_step(student, student, teacher, optimizer, queue, gen, views, boxes, refs, cfg,
                                 autocast, momentum)
 
     try:
@@ -277,6 +295,61 @@ def cmd_train(args):
     if fast and (args.arch, fast["batch"], fast["global_size"], fast["local_size"]) == PAPER_SHAPE:
         hours = 25 * (118287 // 64) * 64 / fast["img_per_s"] / 3600
         print(f"25 COCO epochs (1,848 steps of 64 images each) at the fast path's speed: {hours:.2f} h")
+
+
+# -----------------------------------------------------------------------------
+# augment: the photometric augmentation in the loader workers or on the training device
+
+
+def cmd_augment_one(args):
+    """Child of `augment`. Per image: the loader's CPU work with one thread (one DataLoader worker), the reference
+    pipeline (MultiCrop with torchvision's photometric ops) against crops only (data.augment_on_device); then
+    train.augment_views on the device for a whole batch. Prints JSON."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(3, 30, 40, generator=g)                  # a smooth 640 x 480 image, like a photo
+    img = (torch.nn.functional.interpolate(low[None], size=(480, 640), mode="bilinear")[0] * 255).to(torch.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    loader_ms = {}
+    for name, on_device in (("reference", False), ("crops_only", True)):
+        transform = data.MultiCrop(args.global_size, args.local_size, on_device=on_device)
+        transform(img)
+        start = time.perf_counter()
+        for _ in range(args.images):
+            transform(img)
+        loader_ms[name] = (time.perf_counter() - start) * 1e3 / args.images
+    torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    sizes = [args.global_size] * 2 + [args.local_size] * 4
+    crops = [torch.randint(0, 256, (args.batch, 3, s, s), generator=g, dtype=torch.uint8).to(device) for s in sizes]
+    gen = torch.Generator(device=device).manual_seed(0)
+    train.augment_views(crops, gen, args.batch)
+    base = reset_peak(args.device)
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        train.augment_views(crops, gen, args.batch)
+    sync(args.device)
+    device_ms = (time.perf_counter() - start) * 1e3 / args.repeats / args.batch
+    print(json.dumps({"loader_reference_ms": loader_ms["reference"], "loader_crops_only_ms": loader_ms["crops_only"],
+                      "device_ms": device_ms, "device_peak_mib": (peak_bytes(args.device) - base) / 2**20}))
+
+
+def cmd_augment(args):
+    device = pick_device(args.device)
+    batch = args.batch or (64 if device == "cuda" else 8)
+    one = run_child(["augment-one", "--device", device, "--batch", batch, "--images", args.images, "--repeats",
+                     args.repeats, "--global-size", args.global_size, "--local-size", args.local_size])
+    line = {"bench": "augment", "device": device, "batch": batch, "global_size": args.global_size,
+            "local_size": args.local_size, **{k: round(v, 2) for k, v in one.items()}}
+    print(json.dumps(line), flush=True)
+    print(f"\nper image of 2 x {args.global_size} + 4 x {args.local_size} px crops (640 x 480 source); loader: one "
+          f"thread, {cpu_name()}; device: {device_name(device)}, batches of {batch}\n")
+    table(["where", "ms per image", "images/s of 16 loader workers"],
+          [["loader: crop + torchvision photometric (augment_on_device false)", line["loader_reference_ms"],
+            round(16e3 / line["loader_reference_ms"])],
+           ["loader: crop only (augment_on_device true)", line["loader_crops_only_ms"],
+            round(16e3 / line["loader_crops_only_ms"])],
+           [f"train.augment_views on {device}", line["device_ms"], ""]])
 
 
 # -----------------------------------------------------------------------------
@@ -543,6 +616,15 @@ def main(argv=None):
     add_search_options(p)
     p.set_defaults(run=cmd_scaling)
 
+    p = commands.add_parser("augment", help="photometric augmentation: in the loader (CPU) or on the device")
+    p.add_argument("--batch", type=int, help="images per device batch (default: 64 on CUDA, 8 on the CPU)")
+    p.add_argument("--images", type=int, default=10, help="images timed in the loader")
+    p.add_argument("--repeats", type=int, default=3, help="device batches timed")
+    p.add_argument("--global-size", type=int, default=518)
+    p.add_argument("--local-size", type=int, default=98)
+    p.add_argument("--device", default="auto", choices=devices)
+    p.set_defaults(run=cmd_augment)
+
     # children: one measurement in this process
     p = commands.add_parser("train-one", help="internal: one path of `train`")
     p.add_argument("path", choices=list(PATHS))
@@ -561,6 +643,12 @@ def main(argv=None):
     p.add_argument("--device", required=True, choices=("cpu", "cuda"))
     add_sort_options(p)
     p.set_defaults(run=cmd_sort_one)
+
+    p = commands.add_parser("augment-one", help="internal: the measurements of `augment`")
+    for name in ("--batch", "--images", "--repeats", "--global-size", "--local-size"):
+        p.add_argument(name, type=int, required=True)
+    p.add_argument("--device", required=True, choices=("cpu", "cuda"))
+    p.set_defaults(run=cmd_augment_one)
 
     p = commands.add_parser("incontext-one", help="internal: one search of `incontext`")
     for name in ("--memory", "--images"):

@@ -82,8 +82,9 @@ class MultiCrop:
     """2 global + n_local RandomResizedCrops of one image, photometrically augmented, with their boxes.
 
     Returns (crops, boxes): crops a list of 2 + n_local float tensors (3, s, s), ImageNet-normalised, global crops
-    first; boxes float32 (2 + n_local, 4), xyxy in original-image pixels. No flips: a flip would break the box
-    correspondence. All randomness comes from torch's global RNG, so seeding torch makes it reproducible.
+    first (on_device=True: uint8 tensors, neither augmented nor normalised, for augment_batch); boxes float32
+    (2 + n_local, 4), xyxy in original-image pixels. No flips: a flip would break the box correspondence. All
+    randomness comes from torch's global RNG, so seeding torch makes it reproducible.
 
     Overlap constraint (method.md): the second global crop must overlap the first by more than min_overlap[0] of the
     image area, and every local crop must overlap the first global crop by more than min_overlap[0] and the second by
@@ -93,8 +94,10 @@ class MultiCrop:
     """
 
     def __init__(self, global_size=518, local_size=98, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), n_local=4,
-                 min_overlap=(0.01, 0.02), photometric=True, max_tries=100):
+                 min_overlap=(0.01, 0.02), photometric=True, max_tries=100, on_device=False):
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
+        # on_device: crops stay uint8, not augmented or normalised; augment_batch does that on the training device
+        self.on_device = on_device
         self.min_overlap, self.max_tries = tuple(min_overlap), max_tries
         # only the parameter sampling of RandomResizedCrop is used (make_params); the crop itself is resized_crop
         self.global_rrc = v2.RandomResizedCrop(global_size, scale=tuple(global_scale))
@@ -132,7 +135,9 @@ class MultiCrop:
     def crop(self, img, box, size):
         """Resized crop of img uint8 (3, H, W) over an integer xyxy box -> augmented, normalised float (3, s, s)."""
         x1, y1, x2, y2 = (int(round(v)) for v in box.tolist())
-        out = TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [size, size], antialias=True)  # bilinear
+        out = TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [size, size], antialias=True)  # bilinear, uint8
+        if self.on_device:
+            return out
         out = TF.to_dtype(out, torch.float32, scale=True)  # [0, 1]
         if self.photometric is not None:
             out = self.photometric(out)
@@ -143,6 +148,114 @@ class MultiCrop:
         sizes = [self.global_size] * 2 + [self.local_size] * self.n_local
         crops = [self.crop(img, box, s) for box, s in zip(boxes, sizes)]
         return crops, boxes
+
+
+# -----------------------------------------------------------------------------
+# the same photometric augmentation for a whole batch on the training device
+#
+# In the loader, MultiCrop's ColorJitter + Gaussian blur cost ~100 ms per image on one CPU core (`python bench.py
+# augment`): 16 loader processes give about 150 images/s, far below what one GPU trains. augment_batch draws the
+# same random parameters per crop as MultiCrop's v2 pipeline (jitter p 0.8 with its 4 ops in a random order,
+# grayscale p 0.2, blur p 0.5) and applies them to the whole (B, 3, s, s) batch at once. torchvision's functional
+# ops take one factor per call, so the per-crop versions are written here; tests/test_data.py checks each against
+# torchvision, crop by crop.
+
+JITTER = (0.8, 0.8, 0.8, 0.2)  # ColorJitter(brightness, contrast, saturation, hue) of the reference run
+BLUR_KERNEL, BLUR_SIGMA = 13, (0.1, 2.0)  # 13 = 2 * ceil(3 * 2.0) + 1, as MultiCrop
+
+
+def photometric_params(n, gen):
+    """Random parameters of n crops, drawn on gen's device: which ops apply, the jitter order and factors, the blur
+    sigma. The same distributions as MultiCrop's torchvision pipeline."""
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(n, generator=gen, device=gen.device)
+
+    b, c, s, h = JITTER
+    return {
+        "jitter": torch.rand(n, generator=gen, device=gen.device) < 0.8,
+        "order": torch.rand(n, 4, generator=gen, device=gen.device).argsort(dim=1),  # a random permutation per crop
+        "factors": torch.stack([uniform(1 - b, 1 + b), uniform(1 - c, 1 + c), uniform(1 - s, 1 + s),
+                                uniform(-h, h)], dim=1),  # (n, 4): brightness, contrast, saturation, hue shift
+        "gray": torch.rand(n, generator=gen, device=gen.device) < 0.2,
+        "blur": torch.rand(n, generator=gen, device=gen.device) < 0.5,
+        "sigma": uniform(*BLUR_SIGMA),
+    }
+
+
+def per_crop(v):
+    return v.view(-1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1), to broadcast over (B, C, H, W)
+
+
+def luma(x):
+    """(B, 3, H, W) -> (B, 1, H, W) with torchvision's rgb_to_grayscale weights."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue by shift (B,) turns, through HSV as torchvision (Pillow's conversion)."""
+    r, g, b = x.unbind(1)
+    v, low = x.amax(dim=1), x.amin(dim=1)  # (B, H, W)
+    chroma = v - low
+    s = chroma / torch.where(chroma > 0, v, 1.0)
+    d = torch.where(chroma > 0, chroma, 1.0)
+    h = torch.where(v == r, (g - b) / d, torch.where(v == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
+    h = torch.remainder(h / 6.0 + shift.view(-1, 1, 1), 1.0)
+    # back to RGB: channel n (r 5, g 3, b 1) = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # made on the device: no host copy
+    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0, 1)
+
+
+def blend_step(x, op, use, factors):
+    """One ColorJitter op per crop among brightness (0), contrast (1), saturation (2) (ColorJitter's indices; 3 is
+    hue), with factors (B, 4). All three are torchvision's blend r x + (1 - r) y, clamped to [0, 1], with y = 0,
+    the mean grey level, the grey image; r = 1 (exactly x) where use is False."""
+    grey = luma(x)  # (B, 1, H, W)
+    y = torch.where(per_crop(op == 1), grey.mean(dim=(1, 2, 3), keepdim=True), grey) * per_crop(op != 0)
+    r = per_crop(torch.where(use, factors.gather(1, op[:, None]).squeeze(1), 1.0))
+    return (r * x + (1 - r) * y).clamp(0, 1)
+
+
+def color_jitter(x, params):
+    """ColorJitter with every crop's own op order and factors. The hue rotation is the expensive op, so it runs
+    once for the whole batch: first each crop's blends that come before its hue step (3 slots; a crop with fewer
+    gets identity blends), then the hue, then the blends after it (3 slots)."""
+    on, order, factors = params["jitter"], params["order"], params["factors"]  # (B,), (B, 4), (B, 4)
+    hue_at = (order == 3).int().argmax(dim=1, keepdim=True)  # (B, 1): the position of the hue op
+    slot = torch.arange(3, device=x.device)[None]  # (1, 3)
+    before, after = slot.expand_as(order[:, :3]), hue_at + 1 + slot  # (B, 3) positions in the order
+    for positions, valid in ((before, before < hue_at), (after, after < 4)):
+        ops = order.gather(1, positions.clamp(max=3))  # (B, 3)
+        for i in range(3):
+            x = blend_step(x, ops[:, i], on & valid[:, i], factors)
+        if positions is before:
+            x = torch.where(per_crop(on), adjust_hue(x, factors[:, 3]), x)
+    return x
+
+
+def gaussian_blur(x, sigma):
+    """torchvision's GaussianBlur(13) with one sigma per crop: separable, reflect-padded. x (B, C, H, W)."""
+    B, C, H, W = x.shape
+    half = BLUR_KERNEL // 2
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / per_crop(sigma).view(-1, 1)) ** 2)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, 13): one kernel per channel
+    x = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, B * C, H + 2 * half, W + 2 * half)
+    x = F.conv2d(x, k.view(B * C, 1, 1, -1), groups=B * C)  # along W
+    x = F.conv2d(x, k.view(B * C, 1, -1, 1), groups=B * C)  # along H
+    return x.view(B, C, H, W)
+
+
+def augment_batch(crops, params):
+    """uint8 crops (B, 3, s, s) -> photometrically augmented, ImageNet-normalised float32 crops, with the
+    parameters of photometric_params(B). Every op runs on the whole batch; torch.where keeps it for the crops that
+    draw it (no data-dependent shapes, so the host never waits for the device)."""
+    x = color_jitter(crops.float().div_(255), params)
+    x = torch.where(per_crop(params["gray"]), luma(x).expand_as(x), x)
+    x = torch.where(per_crop(params["blur"]), gaussian_blur(x, params["sigma"]), x)
+    for c in range(3):  # Python scalars: a mean tensor would be copied from the host every step
+        x[:, c].sub_(IMAGENET_MEAN[c]).div_(IMAGENET_STD[c])
+    return x
 
 
 def crop_intersection_rois(box_g, box_v, grid_g, grid_v):

@@ -26,7 +26,8 @@ import yaml
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
-from data import MultiCrop, TrainImages, collate_multicrop, crop_intersection_rois, make_synthetic_voc
+from data import (MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois, make_synthetic_voc,
+                  photometric_params)
 from model import ProjectionHead, build_backbone
 from sort import diff_sort
 
@@ -501,7 +502,7 @@ def train(cfg, demo=False):
     if demo and not Path(d["root"]).is_dir():
         make_synthetic_voc()  # the synthetic scenes of data.py, in data/synthetic/
     transform = MultiCrop(d["global_size"], d["local_size"], tuple(d["global_scale"]), tuple(d["local_scale"]),
-                          d["n_local"], tuple(d["min_overlap"]))
+                          d["n_local"], tuple(d["min_overlap"]), on_device=d["augment_on_device"])
     dataset = TrainImages(d["root"], transform, seed=cfg["seed"])
     iters_per_epoch = len(dataset) // o["batch_size"]
     if iters_per_epoch == 0:
@@ -608,6 +609,8 @@ def train(cfg, demo=False):
             else:
                 crops = [c.to(device, non_blocking=True) for c in crops]
                 boxes = boxes.to(device, non_blocking=True)
+                if d["augment_on_device"]:
+                    crops = augment_views(crops, gen, o["batch_size"] // world)
                 loss, finite = train_step(model, student, teacher, optimizer, queue, gen, crops, boxes,
                                           refs_for_pair, cfg, autocast, sched["momentum"])
             step += 1
@@ -631,6 +634,19 @@ def train(cfg, demo=False):
     if world > 1:
         dist.destroy_process_group()
     return step
+
+
+def augment_views(crops, gen, per_rank):
+    """uint8 crops of every view (B, 3, s, s) -> photometrically augmented, normalised float crops, on their device
+    (data.augment_batch). The parameters are drawn for the full global batch (per_rank images per rank) from the
+    shared generator and each rank keeps its slice, as with the references: N ranks augment their images as one
+    process would, and a batch that lost unreadable images draws as many numbers as a full one."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    out = []
+    for view in crops:
+        params = photometric_params(per_rank * world, gen)
+        out.append(augment_batch(view, {key: rank_slice(value, per_rank)[:len(view)] for key, value in params.items()}))
+    return out
 
 
 def teacher_maps(teacher, queue, gen, crops, ncfg, autocast):

@@ -22,15 +22,19 @@ def bench(*args):
 
 def test_bench_train_fast_and_faithful_paths():
     lines, out = bench("train", "--device", "cpu", "--arch", "vit_tiny14_reg", "--batch", 2, "--global-size", 56,
-                       "--local-size", 28, "--steps", 2, "--warmup", 1, "--breakdown", 1)
-    assert [line["path"] for line in lines] == ["fast", "faithful"]
+                       "--local-size", 28, "--steps", 2, "--warmup", 1, "--breakdown", 1,
+                       "--paths", "fast", "faithful", "fp32_sdpa")
+    fast, faithful, sdpa = lines
+    assert [line["path"] for line in lines] == ["fast", "faithful", "fp32_sdpa"]
     for line in lines:
         assert (line["batch"], line["global_size"], line["precision"]) == (2, 56, "fp32")  # no bf16 on the CPU
         assert line["img_per_s"] == pytest.approx(2e3 / line["ms"], rel=1e-2)
         assert all(line[phase] > 0 for phase in ("teacher_fwd", "student_fwd_bwd", "roi_sim", "sort", "optimizer"))
         assert line["peak_mib"] > 0
-    # same start, same synthetic batch, both fp32 on the CPU: the same loss after 3 steps up to float rounding
-    assert lines[0]["loss"] == pytest.approx(lines[1]["loss"], rel=1e-3)
+    assert fast["augment"] > 0 and faithful["augment"] == 0 == sdpa["augment"]  # where the augmentation runs
+    # the same start and synthetic batch without augmentation, both fp32: the same loss after 3 steps, up to the
+    # float rounding of the two attention kernels
+    assert faithful["loss"] == pytest.approx(sdpa["loss"], rel=1e-3)
     assert "| fast | fp32 | 2 |" in out and "fast path:" in out
 
 

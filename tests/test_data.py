@@ -9,6 +9,7 @@ import torch
 from PIL import Image  # test oracle only (installed with torchvision)
 from torchvision.io import encode_jpeg, encode_png
 from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
@@ -186,6 +187,110 @@ def test_multicrop_shapes_seeding_and_photometric():
     plain, boxes3 = data.MultiCrop(global_size=42, local_size=28, n_local=3, photometric=False)(img)
     assert torch.equal(boxes, boxes3)
     assert any((a - b).abs().max() > 0.1 for a, b in zip(crops, plain))
+
+
+# -----------------------------------------------------------------------------
+# the batched photometric augmentation against torchvision, crop by crop
+
+
+def awkward_batch(n=6, h=23, w=31):
+    """Random colours, quantised to uint8 levels (ties between channels), plus grey, black, white and saturated
+    regions, where HSV has its special cases."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
+    x[:, :, :4] = x[:, :1, :4]                   # grey rows: r = g = b
+    x[:, :, 4:6] = 0.0
+    x[:, :, 6:8] = 1.0
+    x[:, 0, 8:10], x[:, 1:, 8:10] = 1.0, 0.0     # pure red: max = r, min at two channels
+    x[:, 1, 10:12] = x[:, 0, 10:12]              # r = g ties in colour pixels
+    return x
+
+
+BLEND_CASES = [(0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)]
+
+
+@pytest.mark.parametrize("op,theirs", BLEND_CASES, ids=["brightness", "contrast", "saturation"])
+def test_batched_blend_ops_match_torchvision(op, theirs):
+    x = awkward_batch()
+    factors = [0.2, 0.7, 1.0, 1.3, 1.8, 0.9]
+    use = torch.tensor([True, True, True, True, True, False])      # the last crop is left as it is
+    got = data.blend_step(x, torch.full((6,), op), use, torch.tensor(factors)[:, None].expand(6, 4))
+    expected = torch.stack([theirs(img, f) for img, f in zip(x[:5], factors)] + [x[5]])
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
+    assert torch.equal(got[5], x[5])
+
+
+def test_batched_hue_matches_torchvision():
+    x = awkward_batch()
+    shifts = [-0.2, -0.11, 0.0, 0.05, 0.13, 0.2]
+    got = data.adjust_hue(x, torch.tensor(shifts))
+    expected = torch.stack([TF.adjust_hue(img, f) for img, f in zip(x, shifts)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
+
+
+def test_batched_blur_matches_torchvision():
+    x = awkward_batch()
+    sigmas = [0.1, 0.45, 1.0, 1.37, 2.0, 0.8]
+    got = data.gaussian_blur(x, torch.tensor(sigmas))
+    expected = torch.stack([TF.gaussian_blur(img, [13, 13], [s, s]) for img, s in zip(x, sigmas)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
+    assert (got - x).abs().max() > 0.1                              # it did blur
+
+
+def test_augment_batch_is_the_torchvision_pipeline_per_crop():
+    """The whole augmentation with drawn parameters equals torchvision's functional ops applied crop by crop in
+    the same order with the same factors (what v2.ColorJitter, RandomGrayscale and GaussianBlur do once their
+    parameters are drawn), then Normalize."""
+    n = 24
+    crops = (awkward_batch(n) * 255).round().to(torch.uint8)
+    params = data.photometric_params(n, torch.Generator().manual_seed(1))
+    got = data.augment_batch(crops, params)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(n):
+        img = TF.to_dtype(crops[i], torch.float32, scale=True)
+        if params["jitter"][i]:
+            for op_index in params["order"][i].tolist():
+                img = ops[op_index](img, params["factors"][i, op_index].item())
+        if params["gray"][i]:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        if params["blur"][i]:
+            sigma = params["sigma"][i].item()
+            img = TF.gaussian_blur(img, [13, 13], [sigma, sigma])
+        expected = TF.normalize(img, data.IMAGENET_MEAN, data.IMAGENET_STD)
+        torch.testing.assert_close(got[i], expected, rtol=0, atol=3e-5)
+    kinds = [(bool(params["jitter"][i]), bool(params["gray"][i]), bool(params["blur"][i])) for i in range(n)]
+    assert len(set(kinds)) >= 4                                     # the draws covered several combinations
+
+
+def test_photometric_params_follow_the_reference_distributions():
+    n = 20000
+    p = data.photometric_params(n, torch.Generator().manual_seed(0))
+    for key, rate in (("jitter", 0.8), ("gray", 0.2), ("blur", 0.5)):
+        assert abs(p[key].float().mean().item() - rate) < 0.015, key
+    assert torch.equal(p["order"].sort(dim=1).values, torch.arange(4).expand(n, 4))  # permutations
+    first = torch.bincount(p["order"][:, 0], minlength=4).float() / n
+    assert (first - 0.25).abs().max() < 0.015                       # every op first equally often
+    low = torch.tensor([0.2, 0.2, 0.2, -0.2])
+    high = torch.tensor([1.8, 1.8, 1.8, 0.2])
+    f = p["factors"]
+    assert (f >= low).all() and (f <= high).all()
+    torch.testing.assert_close(f.mean(0), (low + high) / 2, rtol=0, atol=0.02)  # uniform
+    assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0 and abs(p["sigma"].mean().item() - 1.05) < 0.02
+
+
+def test_multicrop_on_device_gives_the_uint8_crops_of_the_plain_pipeline():
+    img = smooth_image(90, 120)
+    torch.manual_seed(5)
+    plain, boxes = data.MultiCrop(global_size=42, local_size=28, n_local=3, photometric=False)(img)
+    torch.manual_seed(5)
+    raw, boxes2 = data.MultiCrop(global_size=42, local_size=28, n_local=3, on_device=True)(img)
+    assert torch.equal(boxes, boxes2) and all(c.dtype == torch.uint8 for c in raw)
+    # with every op off, augment_batch is to-float + Normalize: the loader's plain crops
+    off = {"jitter": torch.zeros(1, dtype=torch.bool), "order": torch.arange(4)[None], "factors": torch.ones(1, 4),
+           "gray": torch.zeros(1, dtype=torch.bool), "blur": torch.zeros(1, dtype=torch.bool),
+           "sigma": torch.ones(1)}
+    for c, expected in zip(raw, plain):
+        torch.testing.assert_close(data.augment_batch(c[None], off)[0], expected, rtol=0, atol=1e-6)
 
 
 # -----------------------------------------------------------------------------

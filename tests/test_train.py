@@ -438,7 +438,7 @@ def _ddp_worker(rank, world, cfg, crops, boxes, out, port):
     student, teacher, opt, gen, queue = make_run(cfg, sgd=True)
     model = torch.nn.parallel.DistributedDataParallel(student)
     b = crops[0].shape[0] // world
-    mine = [c[rank * b:(rank + 1) * b] for c in crops]
+    mine = train.augment_views([c[rank * b:(rank + 1) * b] for c in crops], gen, b)
     refs = train.make_reference_sampler(cfg["neco"], queue, gen, b)
     train.train_step(model, student, teacher, opt, queue, gen, mine, boxes[rank * b:(rank + 1) * b], refs, cfg,
                      torch.autocast("cpu", enabled=False), 0.99)
@@ -449,13 +449,15 @@ def _ddp_worker(rank, world, cfg, crops, boxes, out, port):
 
 @pytest.mark.parametrize("references", ["queue", "batch"])
 def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path, images, references):
+    """Also the on-device augmentation: each rank augments its slice of the batch as one process would."""
     cfg = tiny_cfg(tmp_path, images, **{"neco.references": references})
     crops, boxes = synthetic_batch(4, cfg)
+    crops = [(c.sigmoid() * 255).round().to(torch.uint8) for c in crops]  # as the loader gives them
     torch.manual_seed(0)
     student, teacher, opt, gen, queue = make_run(cfg, sgd=True)
     refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
-    train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
-                     torch.autocast("cpu", enabled=False), 0.99)
+    train.train_step(student, student, teacher, opt, queue, gen, train.augment_views(crops, gen, 4), boxes, refs,
+                     cfg, torch.autocast("cpu", enabled=False), 0.99)
     out = tmp_path / "ddp.pt"
     port = 29500 + os.getpid() % 1000
     torch.multiprocessing.spawn(_ddp_worker, args=(2, cfg, crops, boxes, out, port), nprocs=2, join=True)
