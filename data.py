@@ -78,6 +78,13 @@ def box_overlap(a, b):
     return max(w, 0.0) * max(h, 0.0)
 
 
+# the photometric augmentation of the reference run, drawn independently for every crop (method.md)
+JITTER, JITTER_P = (0.8, 0.8, 0.8, 0.2), 0.8  # ColorJitter(brightness, contrast, saturation, hue), applied with p
+GREY_P = 0.2  # RandomGrayscale
+BLUR_SIGMA, BLUR_P = (0.1, 2.0), 0.5  # GaussianBlur
+BLUR_KERNEL = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # 13: covers +-3 sigma of the largest sigma
+
+
 class MultiCrop:
     """2 global + n_local RandomResizedCrops of one image, photometrically augmented, with their boxes.
 
@@ -102,12 +109,10 @@ class MultiCrop:
         # only the parameter sampling of RandomResizedCrop is used (make_params); the crop itself is resized_crop
         self.global_rrc = v2.RandomResizedCrop(global_size, scale=tuple(global_scale))
         self.local_rrc = v2.RandomResizedCrop(local_size, scale=tuple(local_scale))
-        # the photometric augmentation of the reference run, drawn independently for every crop
-        kernel = 2 * math.ceil(3 * 2.0) + 1  # covers +-3 sigma of the largest sigma (2.0)
         self.photometric = v2.Compose([
-            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P),
+            v2.RandomGrayscale(p=GREY_P),
+            v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=BLUR_SIGMA)], p=BLUR_P),
         ]) if photometric else None
         self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
@@ -153,16 +158,12 @@ class MultiCrop:
 # -----------------------------------------------------------------------------
 # the same photometric augmentation for a whole batch on the training device
 #
-# In the loader, MultiCrop's ColorJitter + Gaussian blur cost ~100 ms per image on one CPU core (`python bench.py
-# augment`): 16 loader processes give about 150 images/s, far below what one GPU trains. augment_batch draws the
+# In the loader, MultiCrop's ColorJitter + Gaussian blur cost 90-105 ms per image on one CPU core (`python bench.py
+# augment`): 16 loader processes give fewer than 200 images/s, far below what one GPU trains. augment_batch draws the
 # same random parameters per crop as MultiCrop's v2 pipeline (jitter p 0.8 with its 4 ops in a random order,
 # grayscale p 0.2, blur p 0.5) and applies them to the whole (B, 3, s, s) batch at once. torchvision's functional
 # ops take one factor per call, so the per-crop versions are written here; tests/test_data.py checks each against
 # torchvision, crop by crop.
-
-JITTER = (0.8, 0.8, 0.8, 0.2)  # ColorJitter(brightness, contrast, saturation, hue) of the reference run
-BLUR_KERNEL, BLUR_SIGMA = 13, (0.1, 2.0)  # 13 = 2 * ceil(3 * 2.0) + 1, as MultiCrop
-
 
 def photometric_params(n, gen):
     """Random parameters of n crops, drawn on gen's device: which ops apply, the jitter order and factors, the blur
@@ -172,12 +173,12 @@ def photometric_params(n, gen):
 
     b, c, s, h = JITTER
     return {
-        "jitter": torch.rand(n, generator=gen, device=gen.device) < 0.8,
+        "jitter": torch.rand(n, generator=gen, device=gen.device) < JITTER_P,
         "order": torch.rand(n, 4, generator=gen, device=gen.device).argsort(dim=1),  # a random permutation per crop
         "factors": torch.stack([uniform(1 - b, 1 + b), uniform(1 - c, 1 + c), uniform(1 - s, 1 + s),
                                 uniform(-h, h)], dim=1),  # (n, 4): brightness, contrast, saturation, hue shift
-        "gray": torch.rand(n, generator=gen, device=gen.device) < 0.2,
-        "blur": torch.rand(n, generator=gen, device=gen.device) < 0.5,
+        "gray": torch.rand(n, generator=gen, device=gen.device) < GREY_P,
+        "blur": torch.rand(n, generator=gen, device=gen.device) < BLUR_P,
         "sigma": uniform(*BLUR_SIGMA),
     }
 

@@ -640,7 +640,8 @@ def augment_views(crops, gen, per_rank):
     """uint8 crops of every view (B, 3, s, s) -> photometrically augmented, normalised float crops, on their device
     (data.augment_batch). The parameters are drawn for the full global batch (per_rank images per rank) from the
     shared generator and each rank keeps its slice, as with the references: N ranks augment their images as one
-    process would, and a batch that lost unreadable images draws as many numbers as a full one."""
+    process would, and a batch that lost some unreadable images draws as many numbers as a full one (its images
+    take the first parameters of the slice)."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     out = []
     for view in crops:

@@ -377,8 +377,11 @@ def final_student(out_dir):
     return ckpt, ckpt["student"]
 
 
-def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path, images):
-    full = tiny_cfg(tmp_path / "a", images)
+@pytest.mark.parametrize("on_device", [True, False])
+def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path, images, on_device):
+    """Both places of the photometric augmentation: batched on the device (its draws come from the checkpointed
+    generator) and per crop in the loader."""
+    full = tiny_cfg(tmp_path / "a", images, **{"data.augment_on_device": on_device})
     assert train.train(full) == 6  # 12 images // batch 4 = 3 steps per epoch, 2 epochs
     ckpt, student_a = final_student(full["out_dir"])
     assert ckpt["step"] == 6 and ckpt["config"]["model"]["arch"] == "vit_tiny14_reg"
@@ -387,7 +390,8 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path, images)
     assert [r["step"] for r in log] == list(range(1, 7))
     assert {"loss", "lr", "wd", "momentum", "img_per_s"} <= set(log[0])
 
-    part = tiny_cfg(tmp_path / "b", images, **{"train.max_steps": 4, "train.ckpt_every": 3})
+    part = tiny_cfg(tmp_path / "b", images, **{"train.max_steps": 4, "train.ckpt_every": 3,
+                                               "data.augment_on_device": on_device})
     assert train.train(part) == 4  # stops at 4 (checkpoints at 3 and 4) ...
     part["train"]["max_steps"] = None
     assert train.train(part) == 6  # ... and a re-run resumes from step 4
