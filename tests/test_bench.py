@@ -65,3 +65,13 @@ def test_bench_cuda_without_a_gpu_is_a_one_line_error():
     done = subprocess.run([sys.executable, "bench.py", "train", "--device", "cuda"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stderr == "error: --device cuda: no CUDA device available\n"
+
+
+def test_bench_augment_reports_both_places():
+    lines, out = bench("augment", "--device", "cpu", "--batch", 2, "--images", 2, "--repeats", 1, "--global-size", 56,
+                       "--local-size", 28)
+    (line,) = lines
+    assert (line["batch"], line["global_size"], line["local_size"]) == (2, 56, 28)
+    assert line["loader_reference_ms"] > line["loader_crops_only_ms"] > 0  # the photometric ops cost something
+    assert line["device_ms"] > 0
+    assert "| loader: crop only (augment_on_device true) |" in out
