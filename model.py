@@ -161,6 +161,7 @@ class DinoVisionTransformer(nn.Module):
         # how pos_embed is resized; the register and the non-register releases were trained with different rules
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
+        self.release_rule = (interpolate_antialias, interpolate_offset)  # the release's own: set_pos_embed_rule
         self.grad_checkpointing = False  # True: recompute each block in backward (saves memory for ViT-B/L)
 
         self.patch_embed = PatchEmbed(embed_dim)
@@ -222,6 +223,20 @@ class DinoVisionTransformer(nn.Module):
         if self.register_tokens is not None:
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)  # (B, 1 + R + N, D)
         return x
+
+    def set_pos_embed_rule(self, rule):
+        """How pos_embed is resized to other grids. "dinov2": the rule of the release these weights come from (the
+        register release: the exact grid with antialias; the first release: a scale factor with a +0.1 offset).
+        "neco": NeCo's own ViT, which resizes every model, registers included, by scale factors (grid + 0.1) / 37,
+        bicubic, no antialias; NeCo's training and its linear and K-means evaluations ran with it. The two differ
+        most at small grids such as the 7x7 of a 98 px local crop."""
+        if rule == "dinov2":
+            self.interpolate_antialias, self.interpolate_offset = self.release_rule
+        elif rule == "neco":
+            self.interpolate_antialias, self.interpolate_offset = False, 0.1
+        else:
+            raise ValueError(f"pos_embed rule must be 'dinov2' or 'neco', got {rule!r}")
+        return self
 
     def set_fused_attention(self, fused):
         """True: scaled_dot_product_attention (flash / memory-efficient kernels); False: the explicit formula."""
@@ -432,8 +447,10 @@ def load_checkpoint_file(path):
         raise RuntimeError(f"cannot read checkpoint {path}: {first_line}") from None
 
 
-def build_backbone(name, weights=None, num_register_tokens=None, drop_path_rate=0.0):
+def build_backbone(name, weights=None, num_register_tokens=None, drop_path_rate=0.0, pos_embed_rule="dinov2"):
     """A DINOv2 ViT by hub name. weights: None (random init), "hub", a file path, or a loaded state_dict.
+    pos_embed_rule: "dinov2" (the release's own resizing of pos_embed, as the official code) or "neco" (see
+    DinoVisionTransformer.set_pos_embed_rule).
     num_register_tokens=0 on a _reg name builds the registers-excluded variant and drops the checkpoint's
     register_tokens (it keeps the _reg release's pos_embed resizing rule, which those weights were trained with)."""
     if name not in BACKBONE_NAMES:
@@ -461,7 +478,7 @@ def build_backbone(name, weights=None, num_register_tokens=None, drop_path_rate=
         # the register release resizes pos_embed to the exact grid with antialiasing, the first release by a
         # scale factor with a 0.1 offset and no antialiasing (see interpolate_pos_embed)
         interpolate_antialias=has_registers, interpolate_offset=0.0 if has_registers else 0.1,
-        drop_path_rate=drop_path_rate)
+        drop_path_rate=drop_path_rate).set_pos_embed_rule(pos_embed_rule)
     if state_dict is None:
         return model
     load_backbone_weights(model, state_dict, ignore_register_tokens=has_registers and num_register_tokens == 0)

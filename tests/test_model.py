@@ -173,10 +173,11 @@ def bicubic_matrix_antialias(n_in, n_out):
     return M
 
 
+@pytest.mark.parametrize("rule", ["dinov2", "neco"])
 @pytest.mark.parametrize("name", ["vit_tiny14_reg", "vit_tiny14"])
-@pytest.mark.parametrize("H,W", [(224, 224), (448, 336), (518, 518)])
-def test_pos_embed_interpolation(name, H, W):
-    vit = tiny(name)
+@pytest.mark.parametrize("H,W", [(224, 224), (448, 336), (518, 518), (98, 98)])
+def test_pos_embed_interpolation(name, H, W, rule):
+    vit = tiny(name).set_pos_embed_rule(rule)
     gh, gw = H // 14, W // 14
     with torch.no_grad():
         got = vit.interpolate_pos_embed(gh, gw, torch.float32)
@@ -186,7 +187,7 @@ def test_pos_embed_interpolation(name, H, W):
         expected = pos  # the trained grid is used unchanged
     else:
         grid = pos[0, 1:].reshape(37, 37, 192)
-        if name.endswith("_reg"):
+        if name.endswith("_reg") and rule == "dinov2":  # NeCo's rule is the +0.1 scale factor for every model
             Mh, Mw = bicubic_matrix_antialias(37, gh), bicubic_matrix_antialias(37, gw)
         else:
             Mh, Mw = bicubic_matrix_scale_factor(37, (gh + 0.1) / 37), bicubic_matrix_scale_factor(37, (gw + 0.1) / 37)
@@ -194,6 +195,18 @@ def test_pos_embed_interpolation(name, H, W):
         patches = torch.einsum("ia,abd,jb->ijd", Mh, grid, Mw).reshape(1, gh * gw, 192)
         expected = torch.cat((pos[:, :1], patches), dim=1)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_pos_embed_rules_differ_most_at_the_local_crop_grid():
+    vit = tiny("vit_tiny14_reg")
+    with torch.no_grad():
+        own = vit.interpolate_pos_embed(7, 7, torch.float32)
+        neco = vit.set_pos_embed_rule("neco").interpolate_pos_embed(7, 7, torch.float32)
+        back = vit.set_pos_embed_rule("dinov2").interpolate_pos_embed(7, 7, torch.float32)
+    assert (own - neco).abs().max() > 1e-2  # antialias averages, the scale factor samples
+    assert torch.equal(own, back)
+    with pytest.raises(ValueError, match="pos_embed rule"):
+        vit.set_pos_embed_rule("bicubic")
 
 
 def test_token_order_registers_get_no_position():
