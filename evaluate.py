@@ -58,16 +58,52 @@ def confusion_matrix(pred, gt, num_classes, ignore_index):
     return torch.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-def iou_from_confusion(conf, ignore_index):
-    """Per-class IoU = TP / (TP + FP + FN) (nan where the union is empty) and their mean, both in [0, 1].
-    When the ignore index is itself a class id (ADE20k's 0 'unlabeled'), that class is not scored."""
+def class_iou(conf):
+    """(C, C) confusion (rows GT) -> per-class IoU = TP / (TP + FP + FN), float64, nan where the union is empty."""
     conf = conf.double()
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
-    if 0 <= ignore_index < len(iou):
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+
+
+def drop_ignore_class(conf, ignore_index):
+    """Zero the GT row of the ignore index when it is a class id (ADE20k's 0 'unlabeled'): those pixels drop out;
+    the column stays, so predicting class 0 is still a wrong prediction for the pixel's true class."""
+    if 0 <= ignore_index < len(conf):
+        conf = conf.clone()
+        conf[ignore_index] = 0
+    return conf
+
+
+def mean_over_all(iou):
+    """The reference evaluators' mean: over all C classes, a class with an empty union counting as 0 (so ADE20k's
+    never-scored class 0 makes it the sum of 150 IoUs / 151)."""
+    return iou.nan_to_num(0.0).mean().item()
+
+
+def mean_over_present(iou, ignore_index=None):
+    """The usual mean: over the classes with a non-empty union, the ignore class left out."""
+    if ignore_index is not None and 0 <= ignore_index < len(iou):
+        iou = iou.clone()
         iou[ignore_index] = math.nan
-    return iou, iou.nanmean().item()
+    return iou.nanmean().item()
+
+
+def incontext_scores(conf, ignore_index):
+    """Every scoring of one in-context confusion matrix, accumulated with only 255 dropped (rows GT), at no extra
+    pass over the data -> {variant: (per-class IoU, mIoU in [0, 1])}.
+    hbird: the reference Hummingbird evaluator's (the published numbers): ignore-class pixels dropped, Hungarian
+        matching, mean over all C classes (ADE20k: the 150 IoUs / 151);
+    hungarian_nanmean: the same matching, mean over the classes present;
+    plain: no matching, mean over the classes present (ADE20k: over the 150 real classes);
+    dip: DIP's: no matching, only 255 dropped (ADE20k's class 0 scored as a class), mean over the classes present."""
+    kept = drop_ignore_class(conf, ignore_index)
+    matched = class_iou(remap_confusion(kept.T, hungarian_mapping(kept.T)))  # predicted classes renamed
+    plain, full = class_iou(kept), class_iou(conf)
+    return {"hbird": (matched, mean_over_all(matched)),
+            "hungarian_nanmean": (matched, mean_over_present(matched, ignore_index)),
+            "plain": (plain, mean_over_present(plain, ignore_index)),
+            "dip": (full, mean_over_present(full))}
 
 
 def hungarian(cost):
@@ -190,12 +226,13 @@ def patch_features(backbone, images, precision="fp32"):
 # in-context segmentation: a memory of labelled patches, exact k-NN search, soft label transfer
 
 
-def topk_inner_product(queries, keys, k, query_chunk=4096, key_chunk=131072):
-    """Exact k nearest keys by inner product. queries (Q, D), keys (M, D) -> scores (Q, k) float32, indices (Q, k)
-    int64, best first; k is clamped to M. Blocks of queries x blocks of keys bound the score matrix to
-    query_chunk x key_chunk; a running top-k merges the blocks. Products run in the keys' dtype (fp16/bf16 on GPU:
-    fp32 accumulation in the tensor cores); the final scores are recomputed in fp32 from the selected keys so that
-    the softmax that follows sees no half-precision rounding of the products."""
+def topk_inner_product(queries, keys, k, key_bias=None, query_chunk=4096, key_chunk=131072):
+    """Exact k best keys by inner product q.k, plus key_bias (M,) float32 when given (-|k|^2 / 2 ranks by Euclidean
+    distance: |q - k|^2 = |q|^2 - 2 (q.k - |k|^2 / 2)). queries (Q, D), keys (M, D) -> scores (Q, k) float32,
+    indices (Q, k) int64, best first; k is clamped to M. Blocks of queries x blocks of keys bound the score matrix
+    to query_chunk x key_chunk; a running top-k merges the blocks. Products run in the keys' dtype (fp16/bf16 on
+    GPU: fp32 accumulation in the tensor cores); the final scores are recomputed in fp32 from the selected keys so
+    that the softmax that follows sees no half-precision rounding of the products."""
     k = min(k, len(keys))
     all_scores, all_indices = [], []
     for q in queries.split(query_chunk):
@@ -204,12 +241,15 @@ def topk_inner_product(queries, keys, k, query_chunk=4096, key_chunk=131072):
         best_i = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
         for start in range(0, len(keys), key_chunk):
             s = qk @ keys[start:start + key_chunk].T  # (q, m)
+            if key_bias is not None:
+                s += key_bias[start:start + key_chunk].to(s.dtype)
             s, i = s.topk(min(k, s.shape[1]), dim=1)
             best_s, best_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1)
             best_s, j = best_s.topk(min(k, best_s.shape[1]), dim=1)  # merge; also keeps the result sorted
             best_i = best_i.gather(1, j)
         if keys.dtype != torch.float32:
             best_s = torch.einsum("qd,qkd->qk", q.float(), keys[best_i].float())  # (q, k)
+            best_s = best_s if key_bias is None else best_s + key_bias[best_i]
             best_s, j = best_s.sort(dim=1, descending=True)
             best_i = best_i.gather(1, j)
         all_scores.append(best_s.float())
@@ -222,6 +262,20 @@ def transfer_labels(scores, neighbour_labels, temperature):
     weighted neighbour label distributions. scores (Q, k), neighbour_labels (Q, k, C) -> (Q, C)."""
     weights = torch.softmax(scores.float() / temperature, dim=1)
     return torch.einsum("qk,qkc->qc", weights, neighbour_labels.float())
+
+
+def knn_transfer(queries, keys, labels, k, temperature, key_half_sq_norms=None):
+    """Label distributions of queries (Q, D) from the memory: (Q, C) float32 in pixel counts of labels' unit.
+    key_half_sq_norms None (the reference evaluator): keys are L2-normalised, queries are normalised here, the k
+    nearest by inner product = cosine. Given (M,) |k|^2 / 2 (DIP's variant): raw features, the k nearest by
+    Euclidean distance; both weigh the neighbours by the softmax of their cosine similarity / temperature."""
+    if key_half_sq_norms is None:
+        cosine, idx = topk_inner_product(F.normalize(queries, dim=-1), keys, k)  # (Q, k) each
+    else:
+        scores, idx = topk_inner_product(queries, keys, k, key_bias=-key_half_sq_norms)  # q.k - |k|^2 / 2
+        half_sq = key_half_sq_norms[idx]  # (Q, k)
+        cosine = (scores + half_sq) / (queries.norm(dim=1, keepdim=True) * (2 * half_sq).sqrt()).clamp_min(1e-12)
+    return transfer_labels(cosine, labels[idx], temperature)
 
 
 def patch_label_histograms(masks, num_classes, patch_size, ignore_index):
@@ -252,11 +306,12 @@ def rare_class_sample(counts, n_keep, generator=None):
 
 @torch.no_grad()
 def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memory_size=None, aug_epochs=0,
-                 batch_size=8, seed=0, device="cpu", num_workers=0, precision="fp32", key_dtype=None):
-    """The labelled patch memory of the train images: keys (M, D) L2-normalised features (key_dtype, default fp16 on
-    GPU, fp32 on CPU) and labels (M, C) pixel counts out of patch_size^2 (uint8). aug_epochs passes over the images
-    with augmentation (0: one plain pass). memory_size None keeps every patch; a budget is spread evenly over images
-    x passes and filled by the rare-class sampler."""
+                 batch_size=8, seed=0, device="cpu", num_workers=0, precision="fp32", key_dtype=None, normalize=True):
+    """The labelled patch memory of the train images: keys (M, D) features, L2-normalised unless normalize is False
+    (key_dtype, default fp16 on GPU, fp32 on CPU) and labels (M, C) pixel counts out of patch_size^2 (uint8).
+    aug_epochs passes over the images with augmentation (0: one plain pass). memory_size None keeps every patch; a
+    budget is spread evenly over images x passes and filled by the rare-class sampler. The per-image count is
+    capped at the patches an image has (the reference evaluator does not cap it, and fails on small subsets)."""
     device = torch.device(device)
     key_dtype = key_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     p = backbone.patch_size
@@ -273,7 +328,8 @@ def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memor
     for epoch in range(passes):
         loader = make_loader(dataset, transform, batch_size, num_workers)
         for images, masks in tqdm(loader, desc=f"memory pass {epoch + 1}/{passes}", leave=False):
-            feats = F.normalize(patch_features(backbone, images.to(device), precision).flatten(1, 2), dim=-1)
+            feats = patch_features(backbone, images.to(device), precision).flatten(1, 2)  # (B, N, D)
+            feats = F.normalize(feats, dim=-1) if normalize else feats
             counts = patch_label_histograms(masks.to(device), num_classes, p, ignore_index)  # (B, N, C)
             if per_image < n_patches:
                 keep = rare_class_sample(counts, per_image, generator)  # (B, n)
@@ -287,34 +343,46 @@ def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memor
 
 
 @torch.no_grad()
-def incontext_segment(backbone, images, keys, labels, k, temperature, precision="fp32"):
+def incontext_segment(backbone, images, keys, labels, k, temperature, precision="fp32", key_half_sq_norms=None):
     """uint8 images (B, 3, S, S) -> class map (B, S, S): k-NN label transfer from the memory, bilinear upsampling."""
-    feats = F.normalize(patch_features(backbone, images, precision), dim=-1)  # (B, h, w, D)
+    feats = patch_features(backbone, images, precision)  # (B, h, w, D)
     B, h, w, D = feats.shape
-    scores, idx = topk_inner_product(feats.reshape(-1, D), keys, k)  # (B*h*w, k)
     p = backbone.patch_size
-    probs = transfer_labels(scores, labels[idx], temperature) / (p * p)  # (B*h*w, C) class fractions
-    probs = probs.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, C, h, w)
+    probs = knn_transfer(feats.reshape(-1, D), keys, labels, k, temperature, key_half_sq_norms) / (p * p)  # (B*h*w, C)
+    probs = probs.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, C, h, w) class fractions
     return F.interpolate(probs, size=images.shape[2:], mode="bilinear", align_corners=False).argmax(1)
 
 
+# the in-context protocols: the reference Hummingbird evaluator (the published numbers) and DIP's variant of it
+PROTOCOLS = {"hbird": {"temperature": 0.02, "normalize": True, "score": "hbird"},
+             "dip": {"temperature": 0.07, "normalize": False, "score": "dip"}}
+
+
 def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, precision, n_vis=0):
-    """Hummingbird protocol: confusion matrix over the val set, plus up to n_vis (image, gt, pred) samples."""
+    """Hummingbird protocol: confusion matrix over the val set, plus up to n_vis (image, gt, pred) samples. The
+    headline is the protocol's scoring; every other scoring of the same confusion matrix goes beside it."""
     torch.manual_seed(s["seed"])  # the memory augmentation draws from the global generator
     C, ignore = val_set.num_classes, val_set.ignore_index
+    protocol = PROTOCOLS[s["protocol"]]
+    temperature = s["temperature"] or protocol["temperature"]
     keys, labels = build_memory(backbone, train_set, C, ignore, s["image_size"], s["memory_size"], s["aug_epochs"],
-                                s["batch_size"], s["seed"], device, num_workers, precision)
+                                s["batch_size"], s["seed"], device, num_workers, precision,
+                                normalize=protocol["normalize"])
+    half_sq = None if protocol["normalize"] else torch.cat([kc.float().pow(2).sum(1) / 2 for kc in keys.split(1 << 20)])
     print(f"memory: {len(keys):,} patches x {keys.shape[1]} ({keys.dtype}) from {len(train_set)} images",
           file=sys.stderr)
     conf, vis = torch.zeros(C, C, dtype=torch.long), []
     loader = make_loader(val_set, resize_transform(s["image_size"]), s["batch_size"], num_workers)
     for images, masks in tqdm(loader, desc="query", leave=False):
-        pred = incontext_segment(backbone, images.to(device), keys, labels, s["k"], s["temperature"], precision)
-        conf += confusion_matrix(pred.cpu(), masks, C, ignore)
+        pred = incontext_segment(backbone, images.to(device), keys, labels, s["k"], temperature, precision, half_sq)
+        conf += confusion_matrix(pred.cpu(), masks, C, 255)  # only void dropped: every scoring starts from this
         vis += list(zip(images, masks, pred.cpu()))[:n_vis - len(vis)]
-    if s["hungarian"]:  # the reference matches predicted to true classes; with identity-like results it changes little
-        conf = remap_confusion(conf.T, hungarian_mapping(conf.T))
-    return *iou_from_confusion(conf, ignore), vis, {"memory_patches": len(keys)}
+    scores = incontext_scores(conf, ignore)
+    iou, miou = scores[protocol["score"]]
+    print(f"in-context mIoU {100 * miou:.2f} ({s['protocol']}); "
+          + ", ".join(f"{name} {100 * m:.2f}" for name, (_, m) in scores.items()), file=sys.stderr)
+    return iou, miou, vis, {"protocol": s["protocol"], "temperature": temperature, "memory_patches": len(keys),
+                            "miou_variants": {name: 100 * m for name, (_, m) in scores.items()}}
 
 
 # -----------------------------------------------------------------------------
@@ -349,9 +417,19 @@ def segment_linear(head, feats, size):
     return logits.argmax(1)
 
 
+def linear_confusion(head, batches, num_classes, ignore_index, device):
+    """batches of (feats (B, D, h, w), masks (B, S, S)) -> the (C, C) confusion of the head's maps at S x S: the
+    reference scores S = 100 (masks nearest-downsampled, logits at 100 x 100), the full resolution is S = image_size."""
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for feats, masks in batches:
+        pred = segment_linear(head, feats.to(device).float(), masks.shape[-1])
+        conf += confusion_matrix(pred.cpu(), masks, num_classes, ignore_index)
+    return conf
+
+
 def train_linear_head(train_epoch, val_batches, dim, num_classes, ignore_index, s, device):
     """train_epoch(epoch) yields (feats (B, D, h, w), targets (B, out, out)); val_batches() yields (feats, masks
-    (B, S, S)). SGD with a step decay; the val mIoU after every epoch. Returns the head and the per-epoch
+    (B, S, S)). SGD with a step decay; the val confusion after every epoch. Returns the head and the per-epoch
     confusion matrices."""
     torch.manual_seed(s["seed"])
     head = LinearHead(dim, num_classes, s["out_size"]).to(device)
@@ -370,11 +448,7 @@ def train_linear_head(train_epoch, val_batches, dim, num_classes, ignore_index, 
             loss.backward()
             opt.step()
         head.eval()
-        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-        for feats, masks in val_batches():
-            pred = segment_linear(head, feats.to(device).float(), masks.shape[-1])
-            conf += confusion_matrix(pred.cpu(), masks, num_classes, ignore_index)
-        history.append(conf)
+        history.append(linear_confusion(head, val_batches(), num_classes, ignore_index, device))
     return head, history
 
 
@@ -393,9 +467,11 @@ def evaluate_linear(backbone, train_set, val_set, s, device, num_workers, precis
     torch.manual_seed(s["seed"])
     val_loader = make_loader(val_set, resize_transform(size), s["batch_size"], num_workers)
     val_feats, val_masks = cache_features(backbone, val_loader, device, precision, "val features")
+    # the reference scores masks nearest-downsampled to 100 x 100 (in chunks: the float copy of 448 px masks is big)
+    val_small = torch.cat([resize_nearest(m, s["out_size"]).to(torch.uint8) for m in val_masks.split(256)])
 
-    def val_batches():
-        return zip(val_feats.split(s["batch_size"]), val_masks.split(s["batch_size"]))
+    def val_batches(masks=val_small):
+        return zip(val_feats.split(s["batch_size"]), masks.split(s["batch_size"]))
 
     if s["train_aug"]:  # the protocol: a fresh augmented crop of every image each epoch, features recomputed
         loader = make_loader(train_set, linear_train_augmentation(size), s["batch_size"], num_workers, shuffle=True)
@@ -414,15 +490,18 @@ def evaluate_linear(backbone, train_set, val_set, s, device, num_workers, precis
                 yield train_feats[batch], train_masks[batch]
 
     head, history = train_linear_head(train_epoch, val_batches, backbone.embed_dim, C, ignore, s, device)
-    mious = [iou_from_confusion(conf, ignore)[1] for conf in history]
+    # the reference's mean (over all classes, ADE20k's unscored class 0 as 0), best epoch at 100 x 100 the headline
+    mious = [mean_over_all(class_iou(conf)) for conf in history]
     best = max(range(len(mious)), key=mious.__getitem__)
+    full = mean_over_all(class_iou(linear_confusion(head, val_batches(val_masks), C, ignore, device)))
     vis = []
     if n_vis:
         images, masks = next(iter(make_loader(val_set, resize_transform(size), n_vis, 0)))
         vis = list(zip(images, masks, segment_linear(head, val_feats[:n_vis].to(device).float(), size).cpu()))
     extra = {"mode": "augmented (features per epoch)" if s["train_aug"] else "cached features (no augmentation)",
-             "miou_last": 100 * mious[-1], "miou_best": 100 * mious[best], "best_epoch": best + 1}
-    return *iou_from_confusion(history[-1], ignore), vis, extra
+             "miou_last": 100 * mious[-1], "miou_last_full_res": 100 * full, "best_epoch": best + 1,
+             "scored_at": f"{s['out_size']}x{s['out_size']}"}
+    return class_iou(history[best]), mious[best], vis, extra
 
 
 # -----------------------------------------------------------------------------
@@ -430,38 +509,71 @@ def evaluate_linear(backbone, train_set, val_set, s, device, num_workers, precis
 
 
 def standardize_pca(x, dim=50):
-    """(n, D) -> (n, min(dim, D)): zero mean and unit variance per feature, then the top principal axes."""
-    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
+    """(n, D) -> (n, min(dim, D)): zero mean and unit variance per feature (population std, as the reference's
+    StandardScaler), then the top principal axes."""
+    x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-8)
     cov = sum(xc.T.double() @ xc.double() for xc in x.split(262144)) / max(len(x) - 1, 1)  # (D, D), float64
     _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
     return x @ vectors[:, -dim:].flip(1).to(x.dtype)
 
 
-def kmeans(x, k, seed=0, iters=100, chunk=65536):
-    """Lloyd's K-means with k-means++ seeding on x (n, d), on x's device -> (assignment (n,), centroids (k, d)).
-    Empty clusters keep their centroid."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+def nearest_centroid(x, centroids, chunk=65536):
+    """x (n, d), centroids (k, d) -> (index of the nearest centroid (n,), squared distance to it (n,)), by
+    argmin |x - c|^2 = argmax x.c - |c|^2 / 2, in chunks of rows."""
+    half_norms = (centroids * centroids).sum(1) / 2
+    best, dist = [], []
+    for xc in x.split(chunk):
+        s, i = (xc @ centroids.T - half_norms).max(1)
+        best.append(i)
+        dist.append(((xc * xc).sum(1) - 2 * s).clamp_min(0))
+    return torch.cat(best), torch.cat(dist)
 
-    def nearest(centroids):  # argmin ||x - c||^2 = argmax 2 x.c - ||c||^2, in chunks of rows
-        half_norms = (centroids * centroids).sum(1) / 2
-        return torch.cat([(xc @ centroids.T - half_norms).argmax(1) for xc in x.split(chunk)])
 
-    centroids = x[torch.randint(len(x), (1,), generator=gen, device=x.device)]
-    closest = ((x - centroids[0]) ** 2).sum(1)  # (n,) squared distance to the nearest centroid so far
-    for _ in range(1, k):
-        pick = torch.multinomial(closest.clamp_min(0) + 1e-12, 1, generator=gen)
-        centroids = torch.cat([centroids, x[pick]])
-        closest = torch.minimum(closest, ((x - x[pick]) ** 2).sum(1))
-    assign = nearest(centroids)
+def lloyd(x, k, seed, iters):
+    """One K-means run the way faiss runs it: k distinct random points of x (n, d) as the initial centroids, then up
+    to iters rounds of assign + update, stopping once the assignment no longer changes. A cluster left empty takes
+    over half of a populous one (drawn by size): a copy of its centroid, both moved apart by 1/1024 per coordinate.
+    -> (centroids (k, d), objective: the sum of squared distances at the last assignment)."""
+    gen = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(len(x), generator=gen)[:k].to(x.device)].clone()
+    sign = torch.ones(x.shape[1], device=x.device)
+    sign[1::2] = -1  # faiss's "small symmetric perturbation"
+    previous = None
     for _ in range(iters):
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)[:, None]
-        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
-        new = nearest(centroids)
-        if torch.equal(new, assign):
-            break
-        assign = new
-    return assign, centroids
+        assign, dist = nearest_centroid(x, centroids)
+        objective = dist.double().sum().item()
+        if previous is not None and torch.equal(assign, previous):
+            break  # a fixed point: the update would give the same centroids
+        counts = torch.bincount(assign, minlength=k).double().cpu()
+        centroids = torch.zeros_like(centroids).index_add_(0, assign, x) / counts.clamp_min(1).to(x)[:, None]
+        for empty in (counts == 0).nonzero().flatten().tolist():
+            weights = (counts - 1).clamp_min(0)
+            donor = torch.multinomial(weights, 1, generator=gen).item() if weights.sum() > 0 else counts.argmax().item()
+            centroids[empty] = centroids[donor] * (1 + sign / 1024)
+            centroids[donor] *= 1 - sign / 1024
+            counts[empty] = counts[donor] / 2
+            counts[donor] -= counts[empty]
+        previous = assign
+    return centroids, objective
+
+
+def kmeans(x, k, seed=0, iters=100, redo=5, max_points_per_centroid=256):
+    """faiss.Kmeans(d, k, niter=iters, nredo=redo, seed=seed) as the public NeCo code runs it, in torch, on x's
+    device: train on a random sample of at most k * max_points_per_centroid points, redo times from different
+    random initial centroids, keep the run with the lowest objective, then assign every point to its nearest
+    centroid. x (n, d) -> (assignment (n,), centroids (k, d), the kept run's objective)."""
+    if len(x) < k:
+        raise ValueError(f"K-means with K={k} needs at least {k} points, got {len(x)}")
+    train = x
+    if len(x) > k * max_points_per_centroid:
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k * max_points_per_centroid]
+        train = x[pick.to(x.device)]
+    best = None
+    for r in range(redo):
+        centroids, objective = lloyd(train, k, seed + 1 + r * 15486557, iters)  # faiss's seed of restart r
+        if best is None or objective < best[1]:
+            best = (centroids, objective)
+    return nearest_centroid(x, best[0])[0], *best
 
 
 def evaluate_cluster(backbone, val_set, s, device, num_workers, precision, n_vis=0):
@@ -478,13 +590,16 @@ def evaluate_cluster(backbone, val_set, s, device, num_workers, precision, n_vis
     keep = gts != ignore
     by_k, headline = {}, None
     for K in [C if K == 0 else K for K in s["ks"]]:
+        if K > len(x):
+            raise UserError(f"config key 'eval.cluster.ks': K={K} is more than the {len(x)} val patches")
         ious, mious = [], []
         for seed in tqdm(range(s["seeds"]), desc=f"K-means K={K}", leave=False):
-            assign, _ = kmeans(x, K, seed=seed, iters=s["iters"])
+            assign, _, _ = kmeans(x, K, seed, s["iters"], s["redo"], s["max_points_per_centroid"])
             clusters = resize_nearest(assign.reshape(n, h, w).cpu(), s["gt_size"])  # (n, 100, 100)
             cluster_conf = torch.bincount(clusters[keep] * C + gts[keep], minlength=K * C).reshape(K, C)
-            mapping = hungarian_mapping(cluster_conf) if K <= C else many_to_one_mapping(cluster_conf)
-            iou, miou = iou_from_confusion(remap_confusion(cluster_conf, mapping), ignore)
+            mapping = hungarian_mapping(cluster_conf) if K == C else many_to_one_mapping(cluster_conf)
+            iou = class_iou(remap_confusion(cluster_conf, mapping))
+            miou = mean_over_all(iou)  # the reference's mean, over all classes
             ious.append(iou)
             mious.append(miou)
             if headline is None and seed == 0:
@@ -492,7 +607,7 @@ def evaluate_cluster(backbone, val_set, s, device, num_workers, precision, n_vis
         m = torch.tensor(mious, dtype=torch.float64)
         headline = headline or (torch.stack(ious).nanmean(0), m.mean().item())  # the first K, averaged over seeds
         by_k[str(K)] = {"miou": 100 * m.mean().item(), "miou_std": 100 * m.std(unbiased=False).item(),
-                        "matching": "hungarian" if K <= C else "many-to-one", "seeds": len(mious)}
+                        "matching": "hungarian" if K == C else "many-to-one", "seeds": len(mious)}
     vis = []
     if n_vis:
         images, masks = next(iter(make_loader(val_set, resize_transform(size), n_vis, 0)))
@@ -591,15 +706,22 @@ def check_settings(family, s, ev):
     need(ev["device"] in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda", ev, "eval.")
     need(ev["device"] != "cuda" or torch.cuda.is_available(), "device", "needs a visible GPU", ev, "eval.")
     need(ev["precision"] in ("fp32", "bf16"), "precision", "must be fp32 or bf16", ev, "eval.")
-    ints = {"incontext": ("k",), "linear": ("epochs", "out_size"), "cluster": ("seeds", "pca_dim", "gt_size")}
+    ints = {"incontext": ("k",), "linear": ("epochs", "out_size"),
+            "cluster": ("seeds", "pca_dim", "gt_size", "redo", "max_points_per_centroid")}
     for key in ("image_size", "batch_size", *ints[family]):
         need(is_int(s[key]), key, "must be an integer > 0")
     need(s["image_size"] % model.PATCH_SIZE == 0, "image_size", f"must be a multiple of {model.PATCH_SIZE}")
+    need(s["pos_embed_rule"] in ("dinov2", "neco"), "pos_embed_rule", "must be dinov2 or neco")
     if family == "incontext":
+        need(s["protocol"] in PROTOCOLS, "protocol", f"must be one of {', '.join(PROTOCOLS)}")
         need(s["memory_size"] is None or is_int(s["memory_size"]), "memory_size", "must be null or an integer > 0")
         need(is_int(s["aug_epochs"], 0), "aug_epochs", "must be an integer >= 0")
-        need(s["temperature"] > 0, "temperature", "must be > 0")
+        need(s["temperature"] is None or s["temperature"] > 0, "temperature", "must be null (the protocol's) or > 0")
         need(0 < s["fraction"] <= 1, "fraction", "must be in (0, 1]")
+        need(s["subset_file"] is None or Path(str(s["subset_file"])).expanduser().is_file(), "subset_file",
+             "must be null or an existing text file with one train image id per line")
+        need(s["subset_file"] is None or s["fraction"] == 1, "fraction",
+             "must be 1 when eval.incontext.subset_file names the subset")
     elif family == "linear":
         need(s["lr"] > 0, "lr", "must be > 0")
         need(0 < s["coco_fraction"] <= 1, "coco_fraction", "must be in (0, 1]")
@@ -626,11 +748,14 @@ def make_datasets(family, dataset, root, s, ev, demo):
         val_set = data.make_segmentation_dataset(name, root, "val")
         if family == "cluster":
             return None, val_set
+        ids_file = None
         if family == "incontext":
             fraction, seed = s["fraction"], s["seed"]
+            ids_file = s["subset_file"] and Path(str(s["subset_file"])).expanduser()
         else:
             fraction, seed = (s["coco_fraction"] if name.startswith("coco") else 1.0), s["seed"]
-        return data.make_segmentation_dataset(name, root, train_split, fraction=fraction, seed=seed), val_set
+        return data.make_segmentation_dataset(name, root, train_split, fraction=fraction, seed=seed,
+                                              ids_file=ids_file), val_set
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
@@ -661,6 +786,7 @@ def run(args):
     root = resolve_data_root(dataset, ev, args.data_root, args.demo)
     train_set, val_set = make_datasets(family, dataset, root, s, ev, args.demo)
     backbone, about = load_backbone(args.ckpt, args.teacher)
+    backbone.set_pos_embed_rule(s["pos_embed_rule"])  # per family: the resizing its reference evaluator ran with
     device = torch.device("cuda" if ev["device"] == "auto" and torch.cuda.is_available() else
                           "cpu" if ev["device"] == "auto" else ev["device"])
     backbone.to(device)
@@ -675,7 +801,8 @@ def run(args):
     else:
         iou, miou, vis, extra = evaluate_cluster(backbone, val_set, **common)
     result = {"task": args.task, "miou": 100 * miou, "per_class_iou": per_class(iou, val_set.class_names),
-              **extra, "settings": s, "precision": ev["precision"], "ckpt": args.ckpt, **about,
+              **extra, "pos_embed_rule": s["pos_embed_rule"], "settings": s, "precision": ev["precision"],
+              "ckpt": args.ckpt, **about,
               "data_root": str(root), "demo": args.demo, "n_val": len(val_set),
               "n_train": None if train_set is None else len(train_set), "device": str(device),
               "elapsed_s": round(time.time() - t0, 2)}

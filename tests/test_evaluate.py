@@ -74,7 +74,7 @@ def test_miou_matches_bruteforce():
     pred = torch.randint(0, C, gt.shape, generator=g)
     pred[pred == 4] = 0  # ... class 4 absent from GT? no: absent from the predictions only
     conf = evaluate.confusion_matrix(pred, gt, C, 255)
-    ious, _ = evaluate.iou_from_confusion(conf, 255)
+    ious = evaluate.class_iou(conf)
     expected = []
     for c in range(C):
         tp = fp = fn = 0
@@ -90,17 +90,37 @@ def test_miou_matches_bruteforce():
         assert (math.isnan(expected[c]) and math.isnan(ious[c])) or abs(ious[c].item() - expected[c]) < 1e-12
     # class 3 is predicted but never true: union > 0, IoU 0, and it counts in the mean
     assert expected[3] == 0
-    assert evaluate.iou_from_confusion(conf, 255)[1] == pytest.approx(sum(expected) / C)
+    assert evaluate.mean_over_present(ious) == pytest.approx(sum(expected) / C)
+    assert evaluate.mean_over_all(ious) == pytest.approx(sum(expected) / C)  # every class has a union here
 
 
-def test_miou_ade_ignore_class_is_not_scored():
-    gt = torch.tensor([[0, 1, 1, 2]])  # 0 = unlabeled (ignored)
-    pred = torch.tensor([[2, 1, 0, 2]])  # a pixel predicted as 0 is simply wrong for its class 1
-    conf = evaluate.confusion_matrix(pred, gt, 3, 0)
-    ious, miou = evaluate.iou_from_confusion(conf, 0)
-    assert math.isnan(ious[0])
-    assert ious[1].item() == pytest.approx(1 / 2) and ious[2].item() == pytest.approx(1.0)
-    assert miou == pytest.approx(0.75)
+def test_incontext_scores_ade_hand_made():
+    # ADE20k: 151 classes, 0 = unlabeled; only classes 1 and 2 (and a stray prediction 5) occur
+    C = 151
+    gt = torch.tensor([[0, 1, 1, 2, 2, 2, 0]])
+    pred = torch.tensor([[5, 1, 2, 2, 2, 2, 0]])
+    conf = evaluate.confusion_matrix(pred, gt, C, 255)  # in-context: only void (255) dropped when accumulating
+    scores = evaluate.incontext_scores(conf, ignore_index=0)
+    # with GT 0 dropped: class 1 TP 1, FN 1 -> 1/2; class 2 TP 3, FP 1 -> 3/4; Hungarian keeps the identity
+    assert scores["hbird"][1] == pytest.approx((1 / 2 + 3 / 4) / 151)  # the reference: over all 151 classes
+    assert scores["hungarian_nanmean"][1] == pytest.approx((1 / 2 + 3 / 4) / 2)
+    assert scores["plain"][1] == pytest.approx((1 / 2 + 3 / 4) / 2)  # over the classes present, 0 left out
+    # DIP: class 0 scored (TP 1, FN 1 -> 1/2), class 5 predicted once, never true -> 0
+    assert scores["dip"][1] == pytest.approx((1 / 2 + 1 / 2 + 3 / 4 + 0) / 4)
+
+
+def test_hungarian_recovers_permuted_prediction():
+    g = torch.Generator().manual_seed(0)
+    C = 8
+    gt = torch.randint(0, C, (20000,), generator=g)
+    pred = torch.where(torch.rand(gt.shape, generator=g) < 0.7, gt, torch.randint(0, C, gt.shape, generator=g))
+    identity = evaluate.mean_over_all(evaluate.class_iou(evaluate.confusion_matrix(pred, gt, C, 255)))
+    perm = torch.tensor([3, 0, 6, 1, 7, 2, 4, 5])  # no class keeps its name
+    conf = evaluate.confusion_matrix(perm[pred], gt, C, 255)  # the same prediction under other class names
+    assert evaluate.mean_over_all(evaluate.class_iou(conf)) < identity - 0.3
+    scores = evaluate.incontext_scores(conf, ignore_index=255)
+    assert scores["hbird"][1] == pytest.approx(identity, abs=1e-12)
+    assert scores["plain"][1] == pytest.approx(evaluate.mean_over_present(evaluate.class_iou(conf)))
 
 
 @pytest.mark.parametrize("n,m,seed", [(1, 1, 0), (3, 3, 1), (5, 5, 2), (6, 6, 3), (4, 6, 4), (5, 7, 5)])
@@ -137,12 +157,16 @@ def test_many_to_one_by_precision():
 # in-context pieces
 
 
-@pytest.mark.parametrize("qc,kc,k", [(7, 13, 5), (64, 1000, 5), (3, 50, 30), (20, 7, 40)])
-def test_topk_chunked_equals_full(qc, kc, k):
+@pytest.mark.parametrize("qc,kc,k,bias", [(7, 13, 5, False), (64, 1000, 5, False), (3, 50, 30, False),
+                                         (20, 7, 40, False), (7, 13, 5, True), (3, 50, 30, True)])
+def test_topk_chunked_equals_full(qc, kc, k, bias):
     g = torch.Generator().manual_seed(k)
     q, keys = torch.randn(40, 16, generator=g), torch.randn(300 if k < 40 else 35, 16, generator=g)
-    scores, idx = evaluate.topk_inner_product(q, keys, k, query_chunk=qc, key_chunk=kc)
-    full_s, full_i = (q @ keys.T).topk(min(k, len(keys)), dim=1)
+    key_bias = -keys.pow(2).sum(1) / 2 if bias else None  # ranks by Euclidean distance
+    scores, idx = evaluate.topk_inner_product(q, keys, k, key_bias=key_bias, query_chunk=qc, key_chunk=kc)
+    full_s, full_i = (q @ keys.T + (0 if key_bias is None else key_bias)).topk(min(k, len(keys)), dim=1)
+    if bias:
+        assert torch.equal(idx, torch.cdist(q, keys).topk(min(k, len(keys)), dim=1, largest=False).indices)
     assert torch.equal(idx, full_i)
     torch.testing.assert_close(scores, full_s)
 
@@ -158,6 +182,12 @@ def test_topk_half_keys_rescores_in_fp32():
     exact = (q @ keys.float().T).topk(8, dim=1).indices
     overlap = sum(len(set(a) & set(b)) for a, b in zip(idx.tolist(), exact.tolist()))
     assert overlap >= 0.95 * exact.numel()
+    # with a key bias (the Euclidean ranking): the fp32 rescoring adds it too
+    bias = -keys.float().pow(2).sum(1) / 2
+    scores, idx = evaluate.topk_inner_product(q, keys, 8, key_bias=bias, key_chunk=64)
+    torch.testing.assert_close(scores, (q[:, None] * keys[idx].float()).sum(-1) + bias[idx])
+    exact = (q @ keys.float().T + bias).topk(8, dim=1).indices
+    assert sum(len(set(a) & set(b)) for a, b in zip(idx.tolist(), exact.tolist())) >= 0.95 * exact.numel()
 
 
 def test_transfer_labels_hand_made():
@@ -168,6 +198,43 @@ def test_transfer_labels_hand_made():
                            [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
     out = evaluate.transfer_labels(scores, labels, t)
     torch.testing.assert_close(out, torch.tensor([[0.75, 0.125, 0.125], [0.0, 0.5, 0.5]]))
+
+
+def brute_force_knn_transfer(queries, keys, labels, k, temperature, euclidean):
+    """float64, one query at a time: the k nearest keys (largest cosine, or smallest Euclidean distance on the raw
+    features), softmax of cosine / temperature over them, weighted sum of their labels."""
+    q, m = queries.double(), keys.double()
+    out = []
+    for qi in q:
+        if euclidean:
+            idx = ((m - qi) ** 2).sum(1).argsort()[:k]
+        else:
+            idx = ((m / m.norm(dim=1, keepdim=True)) @ (qi / qi.norm())).argsort(descending=True)[:k]
+        cosine = (m[idx] @ qi) / (m[idx].norm(dim=1) * qi.norm())
+        w = torch.softmax(cosine / temperature, 0)
+        out.append((w[:, None] * labels[idx].double()).sum(0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("protocol", ["hbird", "dip"])
+def test_knn_transfer_matches_brute_force(protocol):
+    g = torch.Generator().manual_seed(1)
+    # raw features of different norms: the Euclidean and the cosine neighbours differ
+    keys = torch.randn(500, 24, generator=g) * torch.rand(500, 1, generator=g).mul(3).add(0.2)
+    queries = torch.randn(37, 24, generator=g) * 2
+    labels = torch.randint(0, 50, (500, 5), generator=g).to(torch.uint8)
+    euclidean = protocol == "dip"
+    t = evaluate.PROTOCOLS[protocol]["temperature"]
+    expected = brute_force_knn_transfer(queries, keys, labels, 30, t, euclidean)
+    if euclidean:
+        half_sq = keys.pow(2).sum(1) / 2
+        got = evaluate.knn_transfer(queries, keys, labels, 30, t, key_half_sq_norms=half_sq)
+    else:
+        got = evaluate.knn_transfer(queries, F.normalize(keys, dim=-1), labels, 30, t)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+    # the two searches pick different neighbours here, so the test tells them apart
+    other = brute_force_knn_transfer(queries, keys, labels, 30, t, not euclidean)
+    assert (other - expected).abs().max() > 1
 
 
 def test_patch_label_histograms_hand_made():
@@ -240,9 +307,30 @@ def test_linear_head_learns_separable_problem():
         return zip(feats[32:].split(8), targets[32:].split(8))
     head, history = evaluate.train_linear_head(train_epoch, val_batches, D, C, 255, s, "cpu")
     assert len(history) == 12
-    first, last = (evaluate.iou_from_confusion(h, 255)[1] for h in (history[0], history[-1]))
+    first, last = (evaluate.mean_over_present(evaluate.class_iou(h)) for h in (history[0], history[-1]))
     assert last > 0.98 and last > first
     assert history[-1].sum() == 16 * 12 * 12
+
+
+def test_linear_scoring_at_mask_size_hand_made():
+    # a 2x2 token grid: left tokens say class 0, right tokens class 1 (the head passes feature c to logit c)
+    head = evaluate.LinearHead(2, 2, out_size=4)
+    with torch.no_grad():
+        head.conv.weight.copy_(torch.eye(2)[:, :, None, None])
+        head.conv.bias.zero_()
+    left = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    feats = torch.stack([left, 1 - left])[None]  # (1, D=2, h=2, w=2)
+    # full-resolution GT 8x8: columns 0, 2, 3 class 0, column 1 class 1; columns 4, 6, 7 class 1, column 5 void
+    row = torch.tensor([0, 1, 0, 0, 1, 255, 1, 1])
+    gt = row.expand(8, 8)[None]
+    small = evaluate.resize_nearest(gt, 4)  # nearest keeps columns 0, 2, 4, 6: 0 0 1 1
+    assert small[0, 0].tolist() == [0, 0, 1, 1]
+    conf_small = evaluate.linear_confusion(head, [(feats, small)], 2, 255, "cpu")
+    conf_full = evaluate.linear_confusion(head, [(feats, gt)], 2, 255, "cpu")
+    assert evaluate.mean_over_all(evaluate.class_iou(conf_small)) == pytest.approx(1.0)
+    # full resolution: the left half is predicted 0, so column 1 (class 1) is wrong: IoU 3/4 for both classes
+    assert conf_full.tolist() == [[24, 0], [8, 24]]
+    assert evaluate.mean_over_all(evaluate.class_iou(conf_full)) == pytest.approx(0.75)
 
 
 def test_standardize_pca_gives_uncorrelated_sorted_components():
@@ -262,10 +350,55 @@ def test_kmeans_recovers_separated_blobs():
     truth = torch.arange(4).repeat_interleave(50)
     x = centres[truth] + 0.5 * torch.randn(200, 2, generator=g)
     for seed in range(3):
-        assign, _ = evaluate.kmeans(x, 4, seed=seed)
+        assign, centroids, objective = evaluate.kmeans(x, 4, seed=seed)
         # the same partition up to renaming: every true blob is one cluster and clusters are distinct
         per_blob = [set(assign[truth == b].tolist()) for b in range(4)]
         assert all(len(s) == 1 for s in per_blob) and len(set.union(*per_blob)) == 4
+        # the objective is the sum of squared distances to the nearest centroid (float64 brute force)
+        brute = torch.cdist(x.double(), centroids.double()).min(1).values.pow(2).sum().item()
+        assert objective == pytest.approx(brute, rel=1e-4)
+
+
+def blob_mixture(n_blobs=12, per_blob=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = 20 * torch.rand(n_blobs, 3, generator=g)
+    return centres.repeat_interleave(per_blob, 0) + torch.randn(n_blobs * per_blob, 3, generator=g)
+
+
+def test_kmeans_keeps_the_restart_with_the_lowest_objective():
+    x = blob_mixture()
+    k, seed = 6, 3  # fewer clusters than blobs: restarts end in different local minima
+    runs = [evaluate.lloyd(x, k, seed + 1 + r * 15486557, 100) for r in range(5)]  # each restart on its own
+    objectives = [o for _, o in runs]
+    assert len({round(o, 3) for o in objectives}) > 1
+    assign, centroids, objective = evaluate.kmeans(x, k, seed=seed, iters=100, redo=5)
+    best = min(range(5), key=objectives.__getitem__)
+    assert objective == min(objectives)
+    torch.testing.assert_close(centroids, runs[best][0])
+    assert torch.equal(assign, torch.cdist(x, centroids).argmin(1))  # every point to its nearest centroid
+    # one restart is restart 0 alone
+    single = evaluate.kmeans(x, k, seed=seed, iters=100, redo=1)
+    assert single[2] == objectives[0]
+
+
+def test_kmeans_trains_on_a_capped_sample(monkeypatch):
+    x = blob_mixture(n_blobs=4, per_blob=250)  # 1000 points
+    seen = []
+    lloyd = evaluate.lloyd
+
+    def spy(train, k, seed, iters):
+        seen.append(train)
+        return lloyd(train, k, seed, iters)
+    monkeypatch.setattr(evaluate, "lloyd", spy)
+    assign, centroids, _ = evaluate.kmeans(x, 4, seed=0, redo=2, max_points_per_centroid=10)
+    assert len(seen) == 2 and all(t.shape == (40, 3) for t in seen)  # 4 centroids x 10 points, not 1000
+    rows = {tuple(r) for r in x.tolist()}
+    assert all(tuple(r) in rows for r in seen[0].tolist()) and len({tuple(r) for r in seen[0].tolist()}) == 40
+    assert torch.equal(seen[0], seen[1])  # one sample, shared by the restarts
+    assert assign.shape == (1000,) and torch.equal(assign, torch.cdist(x, centroids).argmin(1))  # all assigned
+    seen.clear()
+    evaluate.kmeans(x, 4, seed=0, redo=1, max_points_per_centroid=250)  # 1000 <= 4 x 250: no sampling
+    assert torch.equal(seen[0], x)
 
 
 # -----------------------------------------------------------------------------
@@ -351,8 +484,13 @@ def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, tmp_path, capsys)
     assert json.loads(out.read_text().splitlines()[-1]) == result
     if task == "voc_incontext":
         assert result["memory_patches"] == 6 * 6  # 40 // (6 images x 1 pass) = 6 patches kept per image
+    if task.endswith("_incontext"):
+        assert set(result["miou_variants"]) == {"hbird", "hungarian_nanmean", "plain", "dip"}
+        assert result["miou"] == result["miou_variants"]["hbird"] and result["protocol"] == "hbird"
+        assert result["temperature"] == 0.02
     if task.endswith("_linear"):
-        assert result["miou_best"] >= result["miou_last"] and result["best_epoch"] in (1, 2)
+        assert result["miou"] >= result["miou_last"] and result["best_epoch"] in (1, 2)
+        assert 0 <= result["miou_last_full_res"] <= 100 and result["scored_at"] == "28x28"
     if task.endswith("_cluster"):
         assert set(result["by_k"]) == {str(val.num_classes), "9"}
         assert result["miou"] == pytest.approx(result["by_k"][str(val.num_classes)]["miou"])
@@ -361,12 +499,48 @@ def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, tmp_path, capsys)
         assert picture.shape[0] == 3 and picture.shape[1] > 56 and picture.shape[2] > 3 * 56
 
 
+def test_subset_file_selects_the_memory_images(ckpt, voc, tmp_path, capsys):
+    train_ids = data.make_segmentation_dataset("voc", voc, "train").ids
+    subset = [train_ids[4], train_ids[1]]  # unsorted, as the official files are
+    (tmp_path / "trainaug_8_42.txt").write_text("\n".join(subset) + "\n")
+    argv = ["--ckpt", ckpt[0], "--task", "voc_incontext", "--data-root", voc, "--out", tmp_path / "r.jsonl", "--set",
+            *TINY, "eval.voc_train_split=train", "eval.incontext.aug_epochs=0", "eval.incontext.memory_size=null",
+            f"eval.incontext.subset_file={tmp_path / 'trainaug_8_42.txt'}"]
+    rc, result, err = run_cli(capsys, argv)
+    assert rc == 0, err
+    assert result["n_train"] == 2 and result["memory_patches"] == 2 * 16  # 56 px: 16 patches per image
+    assert result["settings"]["subset_file"] == str(tmp_path / "trainaug_8_42.txt")
+    # the same two images through a dataset built on their own give the same number
+    ds = data.make_segmentation_dataset("voc", voc, "train", ids_file=tmp_path / "trainaug_8_42.txt")
+    assert ds.ids == subset
+
+
+@pytest.mark.parametrize("task,rule", [("voc_incontext", "dinov2"), ("voc_linear", "neco"), ("voc_cluster", "neco")])
+def test_each_family_applies_its_pos_embed_rule(task, rule, ckpt, voc, tmp_path, capsys, monkeypatch):
+    x = torch.randn(1, 3, 56, 56)  # a 4x4 grid: the pos_embed is resized from 37x37
+    seen = {}
+
+    def fake_evaluator(backbone, *args, **kwargs):
+        seen["tokens"] = backbone.forward_features(x)["x_norm_patchtokens"]
+        return torch.zeros(7), 0.5, [], {}
+    monkeypatch.setattr(evaluate, f"evaluate_{evaluate.TASKS[task][0]}", fake_evaluator)
+    rc, result, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", task, "--data-root", voc, "--out",
+                                       tmp_path / "r.jsonl", "--set", *TINY, "eval.voc_train_split=train"])
+    assert rc == 0, err
+    assert result["pos_embed_rule"] == rule
+    sd = ckpt[1].state_dict()
+    expected, other = (model.build_backbone("vit_tiny14_reg", weights=sd, pos_embed_rule=r).eval()
+                       .forward_features(x)["x_norm_patchtokens"] for r in (rule, {"dinov2": "neco"}.get(rule, "dinov2")))
+    torch.testing.assert_close(seen["tokens"], expected)
+    assert (expected - other).abs().max() > 1e-3  # the two rules differ at this grid
+
+
 # -----------------------------------------------------------------------------
 # errors: one line on stderr, exit status 2
 
 
 @pytest.mark.parametrize("case", ["task", "ckpt", "corrupt", "root", "set_unknown", "set_not_eval", "set_value",
-                                  "hub_name", "teacher_bare"])
+                                  "hub_name", "teacher_bare", "protocol", "subset_missing", "subset_unknown"])
 def test_user_errors(case, ckpt, voc, tmp_path, capsys):
     args = {"--ckpt": ckpt[0], "--task": "voc_incontext", "--data-root": voc}
     sets = []
@@ -391,6 +565,13 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
         torch.save(ckpt[1].state_dict(), tmp_path / "bare.pth")
         args["--ckpt"] = tmp_path / "bare.pth"
         sets = None
+    elif case == "protocol":
+        sets = ["eval.incontext.protocol=hummingbird"]
+    elif case == "subset_missing":
+        sets = [f"eval.incontext.subset_file={tmp_path / 'none.txt'}"]
+    elif case == "subset_unknown":
+        (tmp_path / "ids.txt").write_text("no_such_image\n")
+        sets = [f"eval.incontext.subset_file={tmp_path / 'ids.txt'}", "eval.voc_train_split=train"]
     argv = [x for kv in args.items() for x in kv] + (["--set", *sets] if sets else [])
     argv += ["--teacher"] if case == "teacher_bare" else []
     rc, _, err = run_cli(capsys, argv)
@@ -398,7 +579,8 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     named = {"task": "voc_segment", "ckpt": "nope.pt", "corrupt": "bad.pt", "root": "no_voc_here",
              "set_unknown": "eval.incontext.kk", "set_not_eval": "optim.epochs", "set_value": "image_size",
-             "hub_name": "dinov2_vitx14", "teacher_bare": "--teacher"}[case]
+             "hub_name": "dinov2_vitx14", "teacher_bare": "--teacher", "protocol": "eval.incontext.protocol",
+             "subset_missing": "eval.incontext.subset_file", "subset_unknown": "no_such_image"}[case]
     assert named in err
 
 
@@ -427,8 +609,9 @@ def test_cli_process_exit_code_without_traceback(tmp_path):
 # "done when": the in-context protocol against an independent brute-force run of it
 
 
-def brute_force_incontext(backbone, voc_root, size=224, k=30, temperature=0.02):
-    """VOC in-context mIoU (%), written independently: full similarity matrix, per-patch loops, bincount confusion."""
+def brute_force_incontext(backbone, voc_root, size=224, k=30, temperature=0.02, euclidean=False):
+    """VOC in-context mIoU (%), written independently: full similarity (or distance) matrix, per-patch loops,
+    bincount confusion. euclidean: DIP's variant, the nearest by distance on the raw features."""
     mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
 
     def load(split):
@@ -440,7 +623,7 @@ def brute_force_incontext(backbone, voc_root, size=224, k=30, temperature=0.02):
             masks.append(F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0].long())
         with torch.no_grad():
             feats = backbone.forward_features((torch.stack(images) - mean) / std)["x_norm_patchtokens"]
-        return F.normalize(feats, dim=-1), torch.stack(masks), ds.num_classes
+        return feats, torch.stack(masks), ds.num_classes
 
     train_f, train_m, C = load("train")
     val_f, val_m, _ = load("val")
@@ -456,9 +639,12 @@ def brute_force_incontext(backbone, voc_root, size=224, k=30, temperature=0.02):
     keys = train_f.reshape(-1, train_f.shape[-1])
     conf = torch.zeros(C * C, dtype=torch.long)
     for feats, mask in zip(val_f, val_m):
-        sim = feats @ keys.T  # (N, M): every pair
-        top, idx = sim.topk(k, dim=1)
-        w = torch.softmax(top / temperature, dim=1)
+        cosine = F.normalize(feats, dim=-1) @ F.normalize(keys, dim=-1).T  # (N, M): every pair
+        if euclidean:
+            idx = torch.cdist(feats.double(), keys.double()).topk(k, dim=1, largest=False).indices
+        else:
+            idx = cosine.topk(k, dim=1).indices
+        w = torch.softmax(cosine.gather(1, idx) / temperature, dim=1)
         pred = torch.stack([(w[n, :, None] * labels[idx[n]]).sum(0) for n in range(len(feats))])  # (N, C)
         pred = pred.T.reshape(1, C, g, g)
         pred = F.interpolate(pred, size=(size, size), mode="bilinear", align_corners=False)[0].argmax(0)
@@ -470,14 +656,19 @@ def brute_force_incontext(backbone, voc_root, size=224, k=30, temperature=0.02):
     return 100 * sum(ious).item() / len(ious)
 
 
-def test_voc_incontext_agrees_with_brute_force(ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("protocol", ["hbird", "dip"])
+def test_voc_incontext_agrees_with_brute_force(protocol, ckpt, tmp_path, capsys):
     voc_root = data.make_synthetic_voc(tmp_path / "syn", n_images=8, image_size=96)
     rc, result, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", "voc_incontext", "--data-root", voc_root,
                                        "--out", tmp_path / "r.jsonl", "--set", "eval.device=cpu",
                                        "eval.num_workers=0", "eval.voc_train_split=train",
                                        "eval.incontext.image_size=224", "eval.incontext.aug_epochs=0",
-                                       "eval.incontext.memory_size=null", "eval.incontext.batch_size=4"])
+                                       "eval.incontext.memory_size=null", "eval.incontext.batch_size=4",
+                                       f"eval.incontext.protocol={protocol}"])
     assert rc == 0, err
-    expected = brute_force_incontext(ckpt[1], voc_root)
+    dip = protocol == "dip"
+    expected = brute_force_incontext(ckpt[1], voc_root, temperature=0.07 if dip else 0.02, euclidean=dip)
     assert result["memory_patches"] == 6 * 256
-    assert abs(result["miou"] - expected) <= 1.0, (result["miou"], expected)
+    got = result["miou_variants"]["plain"]  # the brute force scores without matching, over the classes present
+    assert abs(got - expected) <= 1.0, (got, expected)
+    assert result["miou"] == result["miou_variants"]["dip" if dip else "hbird"]
