@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -35,15 +36,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # reading images and masks
 
 
+def decode_file(path, what, mode):
+    """torchvision's decode_image on the bytes of a file. The bytes are read with open(), which takes every name the
+    OS gives (torchvision's own read_file refuses names that are not UTF-8)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} not found")
+    raw = bytearray(path.read_bytes())
+    try:
+        return decode_image(torch.frombuffer(raw, dtype=torch.uint8), mode=mode)
+    except (RuntimeError, ValueError) as e:  # ValueError: an empty file
+        raise RuntimeError(f"cannot decode {what} {path}: {str(e).splitlines()[0]}") from None
+
+
 def read_image(path):
     """RGB uint8 (3, H, W). Grey, CMYK and alpha images become RGB; 16-bit PNGs are scaled to 8 bits."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} not found")
-    try:
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise RuntimeError(f"cannot decode image {path}: {str(e).splitlines()[0]}") from None
+    img = decode_file(path, "image", ImageReadMode.RGB)
     if img.dtype != torch.uint8:
         img = TF.to_dtype(img, torch.uint8, scale=True)
     return img
@@ -55,13 +63,7 @@ def read_mask(path):
     decode_image with ImageReadMode.UNCHANGED returns the palette *indices* of a palette PNG (checked in the tests),
     which are the class ids of VOC; converting to RGB or grey would give palette colours instead.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"mask file {path} not found")
-    try:
-        mask = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
-    except RuntimeError as e:
-        raise RuntimeError(f"cannot decode mask {path}: {str(e).splitlines()[0]}") from None
+    mask = decode_file(path, "mask", ImageReadMode.UNCHANGED)
     if mask.shape[0] != 1:
         raise ValueError(f"mask {path} has {mask.shape[0]} channels: expected a palette or 1-channel PNG of class ids")
     return mask[0].long()  # (H, W)
@@ -292,9 +294,16 @@ def _to_feature_grid(boxes, crop, grid):
 
 
 def list_images(root):
-    """All image files under root, recursively, sorted by path (case-insensitive extensions)."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    """All image files under root, recursively, sorted by path (case-insensitive extensions). Links to folders are
+    followed (datasets are often linked in), but every real folder is read once: a link back up the tree would
+    otherwise loop forever, and a second path to a folder would list its images twice."""
+    files, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(Path(root).expanduser(), followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()  # do not descend either
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         files += [Path(dirpath) / f for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(files)
@@ -316,7 +325,7 @@ class TrainImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, transform, seed=0):
-        self.root, self.transform, self.seed, self.epoch = Path(root), transform, seed, 0
+        self.root, self.transform, self.seed, self.epoch = Path(root).expanduser(), transform, seed, 0
         if not self.root.is_dir():
             raise FileNotFoundError(f"training image folder {self.root} not found: expected a folder of images "
                                     f"(e.g. COCO train2017), searched recursively")
@@ -336,7 +345,7 @@ class TrainImages(torch.utils.data.Dataset):
         try:
             img = read_image(path)
         except (RuntimeError, ValueError, OSError) as e:
-            print(f"warning: skipping unreadable image {path} ({e})", flush=True)
+            print(f"warning: skipping unreadable image {path} ({e})", file=sys.stderr, flush=True)
             return None
         with torch.random.fork_rng(devices=[]):
             # seed only the CPU generator: torch.manual_seed would also (lazily) reseed CUDA in the main process
@@ -420,10 +429,11 @@ def select_ids(ids, fraction=1.0, seed=0, ids_file=None):
 
 def read_id_list(path, what, layout):
     """The first word of every non-empty line of a text file."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found: expected {layout}")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    # surrogateescape: an id that is not UTF-8 still names its file
+    return [line.split()[0] for line in path.read_text(errors="surrogateescape").splitlines() if line.strip()]
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
@@ -440,14 +450,30 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
-    def __getitem__(self, i):
-        image = read_image(self.image_dir / f"{self.ids[i]}{self.image_ext}")  # (3, H, W)
-        mask_path = self.mask_dir / f"{self.ids[i]}.png"
-        mask = read_mask(mask_path)  # (H, W)
+    def image_path(self, i):
+        return self.image_dir / f"{self.ids[i]}{self.image_ext}"
+
+    def mask_path(self, i):
+        return self.mask_dir / f"{self.ids[i]}.png"
+
+    def load_mask(self, i):
+        """Class ids (H, W) of item i. A value that is neither a class nor the ignore index is an error naming the
+        file: it would change the mIoU without a word (a memory patch voting for a class that does not exist)."""
+        path = self.mask_path(i)
+        mask = read_mask(path)  # (H, W)
         if self.lut is not None:
             mask = self.lut[mask.clamp(0, 255)]
+        bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
+        if bad.any():
+            raise ValueError(f"mask {path} holds label {int(mask[bad][0])}, neither a class (0..{self.num_classes - 1})"
+                             f" nor the ignore index {self.ignore_index}: check the dataset and its mask folder")
+        return mask
+
+    def __getitem__(self, i):
+        image, mask = read_image(self.image_path(i)), self.load_mask(i)  # (3, H, W), (H, W)
         if mask.shape != image.shape[1:]:
-            raise RuntimeError(f"mask {mask_path} is {tuple(mask.shape)} but its image is {tuple(image.shape[1:])}")
+            raise ValueError(f"mask {self.mask_path(i)} is {tuple(mask.shape)} but its image is "
+                             f"{tuple(image.shape[1:])}")
         return image, mask
 
 
@@ -697,18 +723,26 @@ def make_synthetic_voc(root="data/synthetic", n_images=200, image_size=160, seed
 
     JPEGImages/*.jpg, SegmentationClass/*.png (palette), SegmentationClassAug/*.png (single channel, same labels),
     ImageSets/Segmentation/{train,trainaug,val}.txt (3/4 train = trainaug, 1/4 val) and class_names.txt. Image i
-    depends only on (seed, i). Nothing is written when a previous call with the same arguments completed (the marker
-    file .complete is written last); otherwise (or with force) earlier syn_* files are removed first.
+    depends only on (seed, i). The marker file VOC2012/.synthetic says the set is ours: it is written first and holds
+    the arguments once the set is complete. Nothing is written when a previous call with the same arguments
+    completed; otherwise (or with force) earlier syn_* files are removed first. A folder that is neither new, nor
+    empty, nor one of our sets (a real dataset, say) is refused, never written into.
     """
-    voc = Path(root) / "VOC2012"
-    marker = voc / ".complete"
+    root = Path(root).expanduser()
+    voc = root / "VOC2012"
+    marker = voc / ".synthetic"
     params = json.dumps({"n_images": n_images, "image_size": image_size, "seed": seed, "version": 1})
-    if not force and marker.is_file() and marker.read_text() == params:
-        return voc
+    if marker.is_file():
+        if not force and marker.read_text() == params:
+            return voc
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        # FileNotFoundError: what train.py and evaluate.py report as one line
+        raise FileNotFoundError(f"{root} is not empty and holds no synthetic set (no VOC2012/.synthetic): synthetic "
+                                f"data is only written into a new or empty folder; pass another one")
     dirs = {d: voc / d for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
+    marker.write_text("incomplete")  # ours from here on; complete once it holds the arguments
     for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug"):
         for old in dirs[d].glob("syn_*"):
             old.unlink()

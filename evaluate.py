@@ -9,12 +9,14 @@ K-means segmentation, on our checkpoints, the official DINOv2 weights and the re
     python evaluate.py --ckpt runs/demo/last.pt --task voc_incontext --demo          # offline demo, CPU
     python evaluate.py ... --set eval.incontext.memory_size=102400 eval.incontext.fraction=0.125
 
-The last stdout line is one JSON object (task, miou in percent, per_class_iou, settings, elapsed_s, ...), also
-appended to --out. Settings live in config.yaml, section eval.
+stdout holds one line, a JSON object (task, miou in percent, per_class_iou, settings, elapsed_s, ...), printed
+first and then appended to --out; notes, warnings and progress go to stderr. Settings live in config.yaml, section
+eval.
 """
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torchvision import tv_tensors
-from torchvision.io import write_png
+from torchvision.io import encode_png
 from torchvision.transforms import v2
 from torchvision.utils import draw_segmentation_masks, make_grid
 from tqdm import tqdm
@@ -171,7 +174,8 @@ def remap_confusion(conf, mapping):
 
 
 class Transformed(torch.utils.data.Dataset):
-    """(image uint8 (3, H, W), mask int64 (H, W)) items through a joint torchvision v2 transform."""
+    """(image uint8 (3, H, W), mask int64 (H, W)) items through a joint torchvision v2 transform. An item whose files
+    cannot be read comes back as its exception, also from a loader worker, for ReadableBatches to judge."""
 
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -180,9 +184,48 @@ class Transformed(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        image, mask = self.dataset[i]
+        try:
+            image, mask = self.dataset[i]
+        except (OSError, RuntimeError, ValueError) as e:
+            return e
         image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+def collate_readable(batch):
+    """-> ((images, masks) of the readable items, or None), the exceptions of the others."""
+    items = [b for b in batch if not isinstance(b, Exception)]
+    return (torch.utils.data.default_collate(items) if items else None), [b for b in batch if isinstance(b, Exception)]
+
+
+UNREADABLE = set()  # messages of the files skipped in this run (reset by run, counted in the result)
+
+
+def skip_unreadable(e):
+    if str(e) not in UNREADABLE:  # a file met again (memory passes, the picture) is named and counted once
+        print(f"warning: skipping unreadable file ({e})", file=sys.stderr, flush=True)
+        UNREADABLE.add(str(e))
+
+
+class ReadableBatches:
+    """(images, masks) batches of a loader of Transformed items. A file that cannot be decoded is skipped, named once
+    on stderr and counted in UNREADABLE; wrong data (a missing file, a label outside the classes, an image and mask
+    of different sizes) stops the run with one line."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch, failed in self.loader:
+            for e in failed:
+                if isinstance(e, (ValueError, FileNotFoundError)):
+                    raise UserError(str(e))
+                skip_unreadable(e)
+            if batch is not None:
+                yield batch
 
 
 def resize_transform(size):
@@ -204,8 +247,9 @@ def linear_train_augmentation(size):
 
 
 def make_loader(dataset, transform, batch_size, num_workers, shuffle=False):
-    return torch.utils.data.DataLoader(Transformed(dataset, transform), batch_size=batch_size, shuffle=shuffle,
-                                       num_workers=num_workers, persistent_workers=False)
+    return ReadableBatches(torch.utils.data.DataLoader(Transformed(dataset, transform), batch_size=batch_size,
+                                                       shuffle=shuffle, num_workers=num_workers,
+                                                       collate_fn=collate_readable, persistent_workers=False))
 
 
 @torch.no_grad()
@@ -339,7 +383,7 @@ def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memor
             keys[filled:filled + n] = feats.reshape(n, -1).to(key_dtype)
             labels[filled:filled + n] = counts.reshape(n, -1).to(label_dtype)
             filled += n
-    return keys, labels
+    return keys[:filled], labels[:filled]  # short of total when unreadable images were skipped
 
 
 @torch.no_grad()
@@ -624,11 +668,11 @@ def load_backbone(ckpt, teacher=False):
     """-> (backbone in eval mode, description). ckpt: 'hub:<name>', a train.py checkpoint (student, or teacher) or
     a bare backbone state_dict file (architecture read from the shapes)."""
     try:
-        if ckpt.startswith("hub:"):
+        sd = None if ckpt.startswith("hub:") else model.load_checkpoint_file(ckpt)
+        if sd is None:
             name = ckpt[4:]
-            return model.build_backbone(name, weights="hub").eval(), {"arch": name, "weights": "official"}
-        sd = model.load_checkpoint_file(ckpt)
-        if isinstance(sd, dict) and isinstance(sd.get("student"), dict) and isinstance(sd.get("config"), dict):
+            backbone, about = model.build_backbone(name, weights="hub"), {"arch": name, "weights": "official"}
+        elif isinstance(sd, dict) and isinstance(sd.get("student"), dict) and isinstance(sd.get("config"), dict):
             cfg_model = sd["config"].get("model", {})
             which = "teacher" if teacher else "student"
             weights = sd[which]
@@ -636,15 +680,20 @@ def load_backbone(ckpt, teacher=False):
             name = cfg_model.get("arch", name)  # the config knows a registers-excluded _reg model; shapes cannot
             registers = cfg_model.get("num_register_tokens", registers)
             backbone = model.build_backbone(name, weights=weights, num_register_tokens=registers)
-            return backbone.eval(), {"arch": name, "num_register_tokens": registers, "weights": which,
-                                     "step": sd.get("step")}
-        if teacher:
+            about = {"arch": name, "num_register_tokens": registers, "weights": which, "step": sd.get("step")}
+        elif teacher:
             raise UserError(f"--teacher needs a train.py checkpoint (with student and teacher); {ckpt} is not one")
-        name, registers = model.infer_arch(sd)
-        backbone = model.build_backbone(name, weights=sd, num_register_tokens=registers)
-        return backbone.eval(), {"arch": name, "num_register_tokens": registers, "weights": "state_dict"}
+        else:
+            name, registers = model.infer_arch(sd)
+            backbone = model.build_backbone(name, weights=sd, num_register_tokens=registers)
+            about = {"arch": name, "num_register_tokens": registers, "weights": "state_dict"}
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"checkpoint {ckpt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    # a NaN or inf weight still gives a confident-looking mIoU: refuse it, naming the first such tensor
+    bad = next((k for k, v in backbone.state_dict().items() if not v.isfinite().all()), None)
+    if bad is not None:
+        raise UserError(f"checkpoint {ckpt}: tensor {bad} holds NaN or inf values (a diverged run or a damaged file)")
+    return backbone.eval(), about
 
 
 # -----------------------------------------------------------------------------
@@ -669,7 +718,7 @@ def save_vis(samples, path, num_classes, ignore_index):
                   overlay(image, pred.long(), palette, ignore_index, num_classes)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(make_grid(tiles, nrow=3, padding=4, pad_value=255), str(path))
+    path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))  # any file name
     return path
 
 
@@ -768,12 +817,51 @@ def default_out(ckpt):
     return Path("results.jsonl") if ckpt.startswith("hub:") else Path(ckpt).expanduser().parent / "results.jsonl"
 
 
+def check_writable(path, what, flag):
+    """Refuse, before hours of computing, a file that could not be written at the end: a folder in its place, a
+    file where a folder of its path should be, no write permission (os.access)."""
+    if path.exists():
+        if path.is_dir():
+            raise UserError(f"{what} {path} ({flag}) is a folder: pass a file path")
+        target = path
+    else:
+        target = next(p for p in path.parents if p.exists())  # the folder it will be created in
+        if not target.is_dir():
+            raise UserError(f"{what} {path} ({flag}) lies under {target}, which is a file, not a folder")
+    if not os.access(target, os.W_OK):
+        raise UserError(f"{what} {path} ({flag}): {target} is not writable; pass another path")
+
+
+def check_val_set(val_set):
+    """Before anything heavy runs (not after hours of building a memory): every val mask decoded and its labels
+    checked, every val image opened with PIL, which reads only its header, and its size compared with the mask's.
+    Wrong data stops here with one line; an image or mask that cannot be decoded is dropped and counted."""
+    keep = []
+    for i in tqdm(range(len(val_set)), desc="checking val files", leave=False, disable=None):  # bar on a terminal only
+        try:
+            mask = val_set.load_mask(i)  # (H, W)
+            with Image.open(val_set.image_path(i)) as im:
+                height, width = im.height, im.width
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(f"val set: {e}") from None
+        except (OSError, RuntimeError) as e:  # PIL's UnidentifiedImageError is an OSError
+            skip_unreadable(e)
+            continue
+        if tuple(mask.shape) != (height, width):
+            raise UserError(f"val set: mask {val_set.mask_path(i)} is {tuple(mask.shape)} but its image is "
+                            f"{(height, width)}")
+        keep.append(val_set.ids[i])
+    if not keep:
+        raise UserError(f"no readable val image in {val_set.image_dir}")
+    val_set.ids = keep
+
+
 def run(args):
     t0 = time.time()
     if args.task not in TASKS:
         raise UserError(f"unknown task '{args.task}'; choose one of {', '.join(TASKS)}")
     family, dataset = TASKS[args.task]
-    config = Path(args.config) if args.config else Path(__file__).with_name("config.yaml")
+    config = Path(args.config).expanduser() if args.config else Path(__file__).with_name("config.yaml")
     ev = eval_config(config, flatten_sets(args.set), args.demo)
     s = ev[family]
     check_settings(family, s, ev)
@@ -783,14 +871,29 @@ def run(args):
                             f"{', '.join(n for n in model.BACKBONE_NAMES if n.startswith('dinov2_'))}")
     elif not Path(args.ckpt).expanduser().is_file():
         raise UserError(f"checkpoint {args.ckpt} not found (a train.py last.pt, a state_dict file or hub:<name>)")
+    out = Path(args.out).expanduser() if args.out else default_out(args.ckpt)
+    vis_path = Path(args.save_vis).expanduser() / f"{args.task}.png" if args.save_vis else None
+    check_writable(out, "results file", "--out")
+    if vis_path:
+        if not (isinstance(ev["vis_images"], int) and ev["vis_images"] > 0):
+            raise ConfigError(f"config key 'eval.vis_images' must be an integer > 0 with --save-vis, "
+                              f"got {ev['vis_images']!r}")
+        check_writable(vis_path, "picture", "--save-vis")
+    UNREADABLE.clear()
     root = resolve_data_root(dataset, ev, args.data_root, args.demo)
     train_set, val_set = make_datasets(family, dataset, root, s, ev, args.demo)
+    check_val_set(val_set)
+    if family == "cluster":  # K-means needs at least K points
+        points = len(val_set) * (s["image_size"] // model.PATCH_SIZE) ** 2
+        if max(K or val_set.num_classes for K in s["ks"]) > points:
+            raise ConfigError(f"config key 'eval.cluster.ks' asks for more clusters than the {points} val patch "
+                              f"tokens ({len(val_set)} images), got {s['ks']}")
     backbone, about = load_backbone(args.ckpt, args.teacher)
     backbone.set_pos_embed_rule(s["pos_embed_rule"])  # per family: the resizing its reference evaluator ran with
     device = torch.device("cuda" if ev["device"] == "auto" and torch.cuda.is_available() else
                           "cpu" if ev["device"] == "auto" else ev["device"])
     backbone.to(device)
-    n_vis = ev["vis_images"] if args.save_vis else 0
+    n_vis = ev["vis_images"] if vis_path else 0
     print(f"{args.task}: {about['arch']} on {device}, {len(val_set)} val images"
           + (f", {len(train_set)} train images" if train_set is not None else ""), file=sys.stderr)
     common = dict(s=s, device=device, num_workers=ev["num_workers"], precision=ev["precision"], n_vis=n_vis)
@@ -804,17 +907,26 @@ def run(args):
               **extra, "pos_embed_rule": s["pos_embed_rule"], "settings": s, "precision": ev["precision"],
               "ckpt": args.ckpt, **about,
               "data_root": str(root), "demo": args.demo, "n_val": len(val_set),
-              "n_train": None if train_set is None else len(train_set), "device": str(device),
-              "elapsed_s": round(time.time() - t0, 2)}
-    if args.save_vis:
-        result["vis"] = str(save_vis(vis, Path(args.save_vis) / f"{args.task}.png", val_set.num_classes,
-                                     val_set.ignore_index))
-    out = Path(args.out) if args.out else default_out(args.ckpt)
-    out.parent.mkdir(parents=True, exist_ok=True)
+              "n_train": None if train_set is None else len(train_set), "n_unreadable": len(UNREADABLE),
+              "device": str(device), "elapsed_s": round(time.time() - t0, 2)}
+    if vis_path:
+        result["vis"] = str(vis_path)
     line = json.dumps(result)
-    with open(out, "a") as f:
-        f.write(line + "\n")
-    print(line)
+    print(line, flush=True)  # first: a save that fails after all checks must not lose the result
+    failed = []
+    if vis_path:
+        try:
+            save_vis(vis, vis_path, val_set.num_classes, val_set.ignore_index)
+        except (OSError, RuntimeError) as e:
+            failed.append(f"picture {vis_path} ({e})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        failed.append(f"results file {out} ({e})")
+    if failed:
+        raise UserError(f"could not save the {' nor the '.join(failed)}; the result line is on stdout")
     return result
 
 

@@ -18,6 +18,7 @@ Names: dinov2_vit{s,b,l,g}14 and dinov2_vit{s,b,l,g}14_reg (the hub's), plus vit
 ones have no released weights.
 """
 
+import sys
 from pathlib import Path
 
 import torch
@@ -394,7 +395,7 @@ def load_backbone_weights(model, state_dict, ignore_register_tokens=False):
                            f"check the backbone name (infer_arch reads it from a checkpoint)")
     model.load_state_dict(sd, strict=True)
     if ignored:
-        print(f"model: ignored {len(ignored)} non-backbone checkpoint keys: {shorten(ignored)}")
+        print(f"model: ignored {len(ignored)} non-backbone checkpoint keys: {shorten(ignored)}", file=sys.stderr)
     return ignored
 
 

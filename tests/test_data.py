@@ -1,5 +1,8 @@
 """Tests of data.py: crops and their boxes, RoI correspondence, dataset layouts, masks, the synthetic set."""
+import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +14,8 @@ from torchvision.io import encode_jpeg, encode_png
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 
 # torchvision 0.29 warns on every decode/encode that its image I/O is deprecated (in favour of TorchCodec)
@@ -37,6 +41,16 @@ def write_palette_png_pil(path, labels, palette):
     im = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
     im.putpalette(palette)
     im.save(path)
+
+
+def snapshot(root):
+    """Every folder and file under root, with the files' bytes: equal snapshots = a byte-identical tree."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "dir") for p in Path(root).rglob("*")}
+
+
+def non_utf8(folder, name):
+    """folder / name where name holds bytes that are not UTF-8 (as a str, the way os.listdir returns it)."""
+    return Path(folder) / os.fsdecode(name)
 
 
 def smooth_image(h, w):
@@ -88,6 +102,32 @@ def test_read_mask_rejects_rgb_png(tmp_path):
     path.write_bytes(bytes(encode_png(torch.zeros(3, 4, 4, dtype=torch.uint8)).numpy()))
     with pytest.raises(ValueError, match="rgb.png"):
         data.read_mask(path)
+
+
+def test_files_whose_names_are_not_utf8_are_read(tmp_path):
+    jpg, png = non_utf8(tmp_path, b"caf\xe9_\xff.jpg"), non_utf8(tmp_path, b"m\xe4sk.png")
+    write_jpg(jpg, 12, 16, seed=3)
+    write_grey_png(png, np.arange(12).reshape(3, 4))
+    with pytest.raises(UnicodeEncodeError):
+        str(jpg).encode()  # what torchvision's read_file would need
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "plain.jpg").write_bytes(jpg.read_bytes())
+    assert torch.equal(data.read_image(jpg), data.read_image(tmp_path / "sub" / "plain.jpg"))
+    assert data.read_mask(png).tolist() == np.arange(12).reshape(3, 4).tolist()
+    ds = data.TrainImages(tmp_path, None)
+    assert jpg in ds.files and ds[ds.files.index(jpg)].shape == (3, 12, 16)  # read, not skipped
+
+
+def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jpg(tmp_path / "imgs" / "a.jpg", 8, 8)
+    write_grey_png(tmp_path / "m.png", np.zeros((2, 2)))
+    assert data.read_image("~/imgs/a.jpg").shape == (3, 8, 8) and data.read_mask("~/m.png").shape == (2, 2)
+    assert data.list_images("~/imgs") == [tmp_path / "imgs" / "a.jpg"]
+    assert len(data.TrainImages("~/imgs", None)) == 1
+    (tmp_path / "ids.txt").write_text("b\n")
+    assert data.select_ids(["a", "b"], ids_file="~/ids.txt") == ["b"]
+    assert data.make_synthetic_voc("~/syn", n_images=2, image_size=16) == tmp_path / "syn" / "VOC2012"
 
 
 # -----------------------------------------------------------------------------
@@ -324,7 +364,7 @@ def test_corrupt_images_are_skipped_with_one_warning_and_counted(tmp_path, capsy
     (tmp_path / "c_truncated.jpg").write_bytes(good[: len(good) // 2])
     ds = data.TrainImages(tmp_path, data.MultiCrop(global_size=28, local_size=14, n_local=2))
     items = [ds[i] for i in range(len(ds))]
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2
     assert "b_bad.jpg" in lines[0] and "c_truncated.jpg" in lines[1]
     crops, boxes, n_skipped = data.collate_multicrop(items)
@@ -342,6 +382,23 @@ def test_train_images_errors_name_the_folder(tmp_path):
     (tmp_path / "empty" / "x.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="empty"):
         data.TrainImages(tmp_path / "empty", None)
+
+
+def test_symlink_loops_are_listed_once_and_outside_links_followed(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    for path in (root / "a" / "1.jpg", root / "a" / "b" / "2.jpg", root / "c" / "3.jpg", outside / "4.jpg"):
+        write_jpg(path, 8, 8)
+    (root / "a" / "b" / "up").symlink_to("../..")  # loop 1: back to root
+    (root / "c" / "again").symlink_to(root / "c")  # loop 2: c inside itself
+    (root / "a" / "self").symlink_to(".")  # a self-link
+    (root / "linked").symlink_to(outside)  # a dataset linked in: followed
+    # in a child process, killed if it does not finish (a looping walk grows by gigabytes a minute)
+    code = "import json, sys, data; print(json.dumps([str(p) for p in data.list_images(sys.argv[1])]))"
+    done = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    found = [Path(p) for p in json.loads(done.stdout)]
+    assert sorted(p.name for p in found) == ["1.jpg", "2.jpg", "3.jpg", "4.jpg"]  # each image once
+    assert len({os.path.realpath(p) for p in found}) == 4 and root / "linked" / "4.jpg" in found
 
 
 # -----------------------------------------------------------------------------
@@ -397,6 +454,24 @@ def test_voc_errors_name_the_path_and_layout(tmp_path):
         data.VOCSegmentation(tmp_path, "val")
     with pytest.raises(ValueError, match="split"):
         data.VOCSegmentation(tmp_path, "test")
+
+
+def test_labels_outside_the_classes_and_size_mismatches_name_the_file(tmp_path):
+    make_voc_tree(tmp_path / "VOC2012", {"val": ["a", "b", "c"]})
+    masks = tmp_path / "VOC2012" / "SegmentationClass"
+    (masks / "a.png").write_bytes(data.encode_palette_png(torch.tensor([[0, 20, 255]], dtype=torch.uint8)))
+    (masks / "b.png").write_bytes(data.encode_palette_png(torch.tensor([[0, 21, 255]], dtype=torch.uint8)))
+    val = data.VOCSegmentation(tmp_path, "val")
+    assert val.load_mask(0).tolist() == [[0, 20, 255]]  # the last class and void are fine
+    with pytest.raises(ValueError, match=r"b\.png holds label 21, neither a class \(0\.\.20\)"):
+        val[1]
+    with pytest.raises(ValueError, match=r"a\.png is \(1, 3\) but its image is \(6, 8\)"):
+        val[0]
+    assert val[2][1].shape == (6, 8)
+    write_grey_png(tmp_path / "ADEChallengeData2016/annotations/validation/x.png", np.array([[0, 150, 151]]))
+    write_jpg(tmp_path / "ADEChallengeData2016/images/validation/x.jpg", 1, 3)
+    with pytest.raises(ValueError, match=r"x\.png holds label 151"):
+        data.ADE20k(tmp_path, "val")[0]
 
 
 def test_ade20k_layout_and_ignore_index(tmp_path):
@@ -513,3 +588,33 @@ def test_synthetic_voc_skips_complete_sets_and_regenerates_on_change(tmp_path):
     assert sorted(p.name for p in (voc / "JPEGImages").iterdir()) == ["syn_00000.jpg", "syn_00001.jpg", "syn_00002.jpg"]
     data.make_synthetic_voc(tmp_path, n_images=3, image_size=32, seed=0, force=True)
     assert len(data.VOCSegmentation(voc, "train")) + len(data.VOCSegmentation(voc, "val")) == 3
+
+
+def test_synthetic_data_is_never_written_into_a_folder_it_did_not_create(tmp_path):
+    make_voc_tree(tmp_path / "real" / "VOC2012", {"train": ["2007_000032"], "val": ["2007_000033"]})
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("mine")
+    before = snapshot(tmp_path)
+    for root in ("real", "real/VOC2012", "notes", "a_file"):
+        with pytest.raises(FileNotFoundError, match=f"{tmp_path / root} is not empty and holds no synthetic set"):
+            data.make_synthetic_voc(tmp_path / root, n_images=4, image_size=32)
+    assert snapshot(tmp_path) == before
+    (tmp_path / "empty").mkdir()
+    voc = data.make_synthetic_voc(tmp_path / "empty", n_images=4, image_size=32)  # a new or empty folder is fine
+    # an interrupted run of ours (marker written first, arguments last) is finished on the next call
+    (voc / ".synthetic").write_text("incomplete")
+    (voc / "JPEGImages" / "syn_00003.jpg").unlink()
+    data.make_synthetic_voc(tmp_path / "empty", n_images=4, image_size=32)
+    assert len(list((voc / "JPEGImages").iterdir())) == 4 and (voc / ".synthetic").read_text() != "incomplete"
+
+
+def test_train_demo_refuses_a_dataset_in_its_synthetic_folder(tmp_path, monkeypatch, capsys):
+    import train
+    make_voc_tree(tmp_path / "data" / "synthetic" / "VOCdevkit" / "VOC2012", {"train": ["a"], "val": ["b"]})
+    before = snapshot(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--config", str(ROOT / "config.yaml"), "--demo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data/synthetic is not empty and holds no synthetic set")
+    assert snapshot(tmp_path / "data") == before

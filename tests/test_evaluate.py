@@ -4,6 +4,8 @@ an independent brute-force run of it."""
 import itertools
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -603,6 +605,196 @@ def test_cli_process_exit_code_without_traceback(tmp_path):
                            "--task", "voc_incontext"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr and "missing.pt" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# hostile inputs: no lost work, no silent wrong number
+
+
+def snapshot(root):
+    """Every folder and file under root, with the files' bytes: equal snapshots = a byte-identical tree."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "dir") for p in Path(root).rglob("*")}
+
+
+def incontext_argv(ckpt_path, root, out, *sets):
+    return ["--ckpt", ckpt_path, "--task", "voc_incontext", "--data-root", root, "--out", out, "--set", *TINY,
+            "eval.voc_train_split=train", *sets]
+
+
+def one_error_line(rc, err):
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def boom(*args, **kwargs):
+    raise AssertionError("the evaluation ran")
+
+
+def set_label(mask_path, value):
+    labels = data.read_mask(mask_path).to(torch.uint8)
+    labels[0, 0] = value
+    mask_path.write_bytes(data.encode_palette_png(labels))
+
+
+def test_demo_never_writes_into_a_real_dataset(ckpt, tmp_path, capsys, monkeypatch):
+    real = tmp_path / "VOCdevkit" / "VOC2012"
+    for name, split in (("2007_000032", "train"), ("2007_000033", "val")):
+        write_jpg_file(real / "JPEGImages" / f"{name}.jpg", torch.zeros(3, 8, 8, dtype=torch.uint8))
+        write_png_file(real / "SegmentationClass" / f"{name}.png", torch.zeros(8, 8))
+        (real / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (real / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(name + "\n")
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(evaluate, "evaluate_incontext", boom)
+    for root in (real, real.parent):
+        rc, _, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", "voc_incontext", "--demo", "--data-root", root,
+                                      "--out", tmp_path / "r.jsonl"])
+        assert f"{root} is not empty and holds no synthetic set" in one_error_line(rc, err)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["out_folder", "out_under_file", "out_read_only", "vis_file", "vis_read_only",
+                                  "vis_images_0"])
+def test_unwritable_destinations_fail_before_computing(case, ckpt, voc, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "evaluate_incontext", boom)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "locked").mkdir()
+    out, vis, sets = tmp_path / "r.jsonl", None, []
+    if case == "out_folder":
+        out = tmp_path / "locked"
+    elif case == "out_under_file":
+        out = tmp_path / "a_file" / "r.jsonl"
+    elif case == "vis_file":
+        vis = tmp_path / "a_file"
+    elif case == "vis_images_0":
+        vis, sets = tmp_path / "vis", ["eval.vis_images=0"]
+    else:  # root (the tests' user) passes every permission check, so 'locked' is made read-only to os.access
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != tmp_path / "locked"
+                            and real_access(path, mode, **kw))
+        if case == "out_read_only":
+            out = tmp_path / "locked" / "r.jsonl"
+        else:
+            vis = tmp_path / "locked"
+    rc, _, err = run_cli(capsys, incontext_argv(ckpt[0], voc, out, *sets) + (["--save-vis", vis] if vis else []))
+    line = one_error_line(rc, err)
+    locked = f"{tmp_path / 'locked'} is not writable"
+    assert {"out_folder": f"{out} (--out) is a folder", "out_under_file": "which is a file", "out_read_only": locked,
+            "vis_file": "(--save-vis) lies under", "vis_read_only": locked,
+            "vis_images_0": "'eval.vis_images'"}[case] in line
+    assert not (tmp_path / "r.jsonl").exists() and not (tmp_path / "vis").exists()
+
+
+def test_result_line_comes_first_when_saving_fails_at_the_end(ckpt, voc, tmp_path, capsys, monkeypatch):
+    out, vis, real = tmp_path / "res" / "r.jsonl", tmp_path / "vis", evaluate.evaluate_incontext
+
+    def evaluate_then_break_the_destinations(*args, **kwargs):
+        result = real(*args, **kwargs)
+        out.mkdir(parents=True)  # say the folders changed during a long run: both writes now fail
+        (vis / "voc_incontext.png").mkdir(parents=True)
+        return result
+
+    monkeypatch.setattr(evaluate, "evaluate_incontext", evaluate_then_break_the_destinations)
+    rc = evaluate.main([str(a) for a in incontext_argv(ckpt[0], voc, out) + ["--save-vis", vis]])
+    stdout, err = capsys.readouterr()
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["task"] == "voc_incontext" and 0 <= result["miou"] <= 100 and len(result["per_class_iou"]) == 7
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: could not save the picture") and f"results file {out}" in last
+    assert "the result line is on stdout" in last and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["label", "size", "missing_mask", "rgb_mask"])
+def test_wrong_val_data_stops_before_the_memory_is_built(case, ckpt, tmp_path, capsys, monkeypatch):
+    voc = data.make_synthetic_voc(tmp_path / "syn", n_images=8, image_size=64)
+    name = data.VOCSegmentation(voc, "val").ids[0]
+    mask = voc / "SegmentationClass" / f"{name}.png"
+    if case == "label":
+        set_label(mask, 9)  # 7 classes: 0..6, and 255
+    elif case == "size":
+        write_jpg_file(voc / "JPEGImages" / f"{name}.jpg", torch.zeros(3, 48, 64, dtype=torch.uint8))
+    elif case == "missing_mask":
+        mask.unlink()
+    else:
+        mask.write_bytes(bytes(encode_png(torch.zeros(3, 64, 64, dtype=torch.uint8)).numpy()))
+    monkeypatch.setattr(evaluate, "build_memory", boom)
+    rc, _, err = run_cli(capsys, incontext_argv(ckpt[0], voc, tmp_path / "r.jsonl"))
+    line = one_error_line(rc, err)
+    assert name in line and {"label": "holds label 9", "size": "is (64, 64) but its image is (48, 64)",
+                             "missing_mask": "not found", "rgb_mask": "has 3 channels"}[case] in line
+
+
+def test_a_memory_mask_label_outside_the_classes_is_an_error(ckpt, tmp_path, capsys):
+    voc = data.make_synthetic_voc(tmp_path / "syn", n_images=8, image_size=64)
+    name = data.VOCSegmentation(voc, "train").ids[-1]
+    set_label(voc / "SegmentationClass" / f"{name}.png", 7)
+    # a loader worker process reads it: the error still comes back as one line
+    rc, _, err = run_cli(capsys, incontext_argv(ckpt[0], voc, tmp_path / "r.jsonl", "eval.num_workers=1"))
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: ") and f"{name}.png holds label 7" in last and "Traceback" not in err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_unreadable_images_are_skipped_counted_and_change_nothing_else(ckpt, tmp_path, capsys):
+    bad, clean = (data.make_synthetic_voc(tmp_path / d, n_images=12, image_size=64) for d in ("bad", "clean"))
+    train_ids, val_ids = data.VOCSegmentation(bad, "train").ids, data.VOCSegmentation(bad, "val").ids  # 9, 3
+    jpg = bad / "JPEGImages" / "{}.jpg"
+    Path(str(jpg).format(train_ids[0])).write_bytes(b"not an image")  # met in both memory passes
+    Path(str(jpg).format(val_ids[0])).write_bytes(b"not an image")  # PIL cannot open it: the val check drops it
+    good = Path(str(jpg).format(val_ids[1])).read_bytes()
+    Path(str(jpg).format(val_ids[1])).write_bytes(good[: len(good) // 2])  # a sound header: met while querying
+    sets = clean / "ImageSets" / "Segmentation"  # the same set without those three images
+    (sets / "train.txt").write_text("".join(f"{i}\n" for i in train_ids[1:]))
+    (sets / "val.txt").write_text("".join(f"{i}\n" for i in val_ids[2:]))
+    runs = {}
+    for name, root in (("bad", bad), ("clean", clean)):
+        argv = incontext_argv(ckpt[0], root, tmp_path / f"{name}.jsonl", "eval.incontext.batch_size=1")
+        rc = evaluate.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert len(out.strip().splitlines()) == 1  # stdout holds the result line only
+        runs[name] = json.loads(out), err
+    (result, err), (expected, _) = runs["bad"], runs["clean"]
+    assert result["n_unreadable"] == 3 and expected["n_unreadable"] == 0
+    assert all(err.count(f"{i}.jpg") == 1 for i in (train_ids[0], val_ids[0], val_ids[1]))  # each named once
+    assert result["n_val"] == 2 and result["memory_patches"] == expected["memory_patches"] == 8 * 2 * 16
+    assert result["miou"] == expected["miou"] and result["per_class_iou"] == expected["per_class_iou"]
+
+
+def test_non_finite_weights_are_refused_naming_the_first_tensor(ckpt, voc, tmp_path, capsys):
+    sd = {k: v.clone() for k, v in ckpt[1].state_dict().items()}
+    sd["blocks.1.attn.qkv.weight"][3, 5] = math.nan
+    sd["blocks.4.mlp.fc2.bias"][0] = math.inf
+    torch.save(sd, tmp_path / "diverged.pth")
+    rc, _, err = run_cli(capsys, incontext_argv(tmp_path / "diverged.pth", voc, tmp_path / "r.jsonl"))
+    line = one_error_line(rc, err)
+    assert "diverged.pth" in line and "tensor blocks.1.attn.qkv.weight holds NaN or inf" in line
+
+
+def test_more_clusters_than_val_patches_is_refused(ckpt, voc, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "evaluate_cluster", boom)
+    rc, _, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", "voc_cluster", "--data-root", voc, "--out",
+                                  tmp_path / "r.jsonl", "--set", *TINY, "eval.cluster.ks=[0,33]"])
+    line = one_error_line(rc, err)  # 2 val images x 4 x 4 patches = 32 points
+    assert "'eval.cluster.ks'" in line and "32 val patch tokens" in line
+
+
+def test_home_paths_and_nothing_but_the_result_on_stdout(voc, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_train_checkpoint(tmp_path / "last.pt")  # it holds head keys: model.py notes that it ignores them
+    shutil.copytree(voc, tmp_path / "voc")
+    shutil.copy(ROOT / "config.yaml", tmp_path / "cfg.yaml")
+    vis = os.fsdecode(b"~/vis_\xff")  # and a folder name that is not UTF-8
+    rc = evaluate.main(["--ckpt", "~/last.pt", "--task", "voc_incontext", "--data-root", "~/voc", "--config",
+                        "~/cfg.yaml", "--out", "~/res/r.jsonl", "--save-vis", vis, "--set", *TINY,
+                        "eval.voc_train_split=train"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == json.loads((tmp_path / "res" / "r.jsonl").read_text())
+    assert "model: ignored" in err and json.loads(lines[0])["data_root"] == str(tmp_path / "voc")
+    picture = Path(os.path.expanduser(vis)) / "voc_incontext.png"
+    assert picture.parent.parent == tmp_path and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -----------------------------------------------------------------------------

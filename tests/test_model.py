@@ -319,7 +319,7 @@ def test_registers_excluded_loading(capsys):
     assert vit.num_register_tokens == 0 and vit.register_tokens is None
     assert_same_state(vit, {k: v for k, v in state.items() if k != "register_tokens"})
     assert vit.interpolate_antialias and vit.interpolate_offset == 0.0  # the _reg release's resizing rule
-    assert "register_tokens" in capsys.readouterr().out
+    assert "register_tokens" in capsys.readouterr().err
     x = torch.randn(1, 3, 42, 56)
     with torch.no_grad():
         out = vit.forward_features(x)
@@ -353,7 +353,7 @@ def test_loads_our_train_checkpoint_format(capsys):
     assert "backbone.blocks.0.norm1.weight" in ckpt["teacher"] and "head.mlp.0.weight" in ckpt["teacher"]
     loaded = build_backbone("vit_tiny14_reg", weights=ckpt)
     assert_same_state(loaded, vit.state_dict())
-    line = capsys.readouterr().out.strip()
+    line = capsys.readouterr().err.strip()
     assert line.count("\n") == 0 and "ignored 6" in line and "head.mlp.0.weight" in line
     assert infer_arch(ckpt) == ("vit_tiny14_reg", 4)
 
