@@ -9,11 +9,16 @@ EMA teacher does, through a differentiable sorting network.
 Re-running the same command resumes from <out_dir>/last.pt.
 """
 import argparse
+import errno
+import fcntl
 import json
 import math
 import os
 import random
+import signal
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from tqdm import tqdm
 
 from data import (MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois, make_synthetic_voc,
                   photometric_params)
-from model import ProjectionHead, build_backbone
+from model import BACKBONE_NAMES, ProjectionHead, build_backbone
 from sort import diff_sort
 
 # -----------------------------------------------------------------------------
@@ -40,7 +45,15 @@ class ConfigError(ValueError):
 
 
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (too many bad steps in a row); the checkpoint is saved first."""
+    """The run cannot go on (too many bad steps in a row, a file that cannot be written): reported as one line."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM; a BaseException (as KeyboardInterrupt), so that no `except Exception` swallows it."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
 
 
 def _check_type(key, old, new):
@@ -101,12 +114,20 @@ def parse_set(pair):
 def load_config(path, sets=(), demo=False):
     """Read the YAML config, apply the demo section (if demo) and then the --set pairs ('a.b=value')."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found (pass --config config.yaml from the repository)")
     try:
-        cfg = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+        cfg = yaml.safe_load(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found (pass --config config.yaml from the repository)")
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (line {line}): save it as UTF-8")
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}")
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
     if not isinstance(cfg, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections")
     demo_section = cfg.pop("demo", None) or {}
@@ -123,23 +144,76 @@ def flatten_sets(groups):
     return [pair for group in (groups or []) for pair in group]
 
 
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v):
+    return (_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _pair(ok):
+    return lambda v: isinstance(v, list) and len(v) == 2 and all(map(ok, v))
+
+
+def one_of(*options):
+    return "one of " + ", ".join(options), lambda v: v in options
+
+
+COUNT = "an integer >= 0", lambda v: _int(v) and v >= 0
+POSITIVE_INT = "an integer >= 1", lambda v: _int(v) and v >= 1
+PATCHES = "a positive multiple of the patch size 14", lambda v: _int(v) and v >= 14 and v % 14 == 0
+POSITIVE = "a number > 0", lambda v: _num(v) and v > 0
+NON_NEGATIVE = "a number >= 0", lambda v: _num(v) and v >= 0
+FRACTION = "a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1
+BELOW_ONE = "a number in [0, 1)", lambda v: _num(v) and 0 <= v < 1
+BELOW_ONE_PAIR = "two numbers in [0, 1)", _pair(BELOW_ONE[1])
+SCALE = "[lo, hi] with 0 < lo <= hi <= 1", lambda v: _pair(lambda x: _num(x) and 0 < x <= 1)(v) and v[0] <= v[1]
+FLAG = "true or false", lambda v: isinstance(v, bool)
+TEXT = "a non-empty string", lambda v: isinstance(v, str) and v.strip() != ""
+
+# key -> (what its value must be, the check): every key train.py reads, checked before anything is loaded (the
+# sort keys are checked by diff_sort itself, below)
+CONFIG_RULES = {
+    "out_dir": TEXT, "seed": COUNT,
+    "model.arch": one_of(*BACKBONE_NAMES), "model.weights": ("hub, a file or null", lambda v: v is None or TEXT[1](v)),
+    "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.head_hidden": POSITIVE_INT,
+    "model.head_out": POSITIVE_INT, "model.head_layers": POSITIVE_INT,
+    "data.root": TEXT, "data.global_size": PATCHES, "data.global_scale": SCALE, "data.local_size": PATCHES,
+    "data.local_scale": SCALE, "data.n_local": COUNT, "data.min_overlap": BELOW_ONE_PAIR, "data.num_workers": COUNT,
+    "data.augment_on_device": FLAG,
+    "neco.roi_size": POSITIVE_INT, "neco.references": one_of("queue", "batch"), "neco.queue_size": POSITIVE_INT,
+    "neco.num_references": POSITIVE_INT,
+    "optim.epochs": POSITIVE_INT, "optim.batch_size": POSITIVE_INT, "optim.lr_backbone": POSITIVE,
+    "optim.lr_head": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.weight_decay_end": NON_NEGATIVE,
+    "optim.momentum_teacher": FRACTION, "optim.momentum_teacher_end": FRACTION, "optim.clip_grad": NON_NEGATIVE,
+    "optim.betas": BELOW_ONE_PAIR,
+    "train.device": one_of("auto", "cpu", "cuda"), "train.precision": one_of("bf16", "fp32"),
+    "train.ckpt_every": POSITIVE_INT, "train.log_every": POSITIVE_INT, "train.max_bad_steps": POSITIVE_INT,
+    "train.max_steps": ("an integer >= 0 or null", lambda v: v is None or COUNT[1](v)), "train.compile": FLAG,
+    "train.fused_attention": FLAG, "train.fused_adamw": FLAG, "train.grad_checkpointing": FLAG,
+}
+
+
+def get_key(cfg, dotted):
+    node = cfg
+    for i, part in enumerate(dotted.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config key '{dotted}' is missing (no '{'.'.join(dotted.split('.')[:i + 1])}' in the "
+                              f"config file; compare it with the repository's config.yaml)")
+        node = node[part]
+    return node
+
+
 def validate_config(cfg, demo=False):
     """Fail in the first second on a mistake that would otherwise surface after minutes of loading."""
-    m, d, n, o, t = cfg["model"], cfg["data"], cfg["neco"], cfg["optim"], cfg["train"]
-    choices = {"neco.references": (n["references"], ("queue", "batch")),
-               "train.precision": (t["precision"], ("bf16", "fp32")),
-               "train.device": (t["device"], ("auto", "cpu", "cuda"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    for key, (what, ok) in CONFIG_RULES.items():
+        value = get_key(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
+    m, d, n, t = cfg["model"], cfg["data"], cfg["neco"], cfg["train"]
     if t["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.device' is cuda but no GPU is visible (use auto or cpu)")
-    for key in ("epochs", "batch_size"):
-        if o[key] < 1:
-            raise ConfigError(f"config key 'optim.{key}' must be >= 1, got {o[key]}")
-    for key, size in (("global_size", d["global_size"]), ("local_size", d["local_size"])):
-        if size % 14:
-            raise ConfigError(f"config key 'data.{key}' must be a multiple of the patch size 14, got {size}")
     if n["references"] == "queue" and n["queue_size"] < n["num_references"]:
         raise ConfigError("config key 'neco.queue_size' must be at least neco.num_references")
     if n["references"] == "batch" and n["num_references"] > n["roi_size"] ** 2:
@@ -147,7 +221,7 @@ def validate_config(cfg, demo=False):
     try:  # the sort's own argument checks, on a tiny input
         diff_sort(torch.zeros(1, n["num_references"]), n["sort_network"], n["sort_steepness"],
                   n["sort_distribution"], n["sort_art_lambda"])
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"config section 'neco': {e}")
     root = Path(d["root"])
     if not root.is_dir() and not demo:
@@ -387,11 +461,51 @@ def set_rng_state(state, gen):
     gen.set_state(state["shared"])
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a kill mid-write never corrupts last.pt."""
+def disk_error(e, path):
+    """The OSError in e's chain (torch.save wraps it in a RuntimeError) as one line naming path; None if none."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return None
+    if e.errno == errno.ENOSPC:
+        return f"no space left on {path.parent} (writing {path.name}): free some space, then re-run to resume"
+    return f"cannot write {path} ({e.strerror or e}): fix the folder or choose another out_dir, then re-run"
+
+
+def write_atomic(path, write, commit=True):
+    """write(f) into path.tmp and fsync it; with commit, rename it over path and fsync the folder, so that a kill
+    or a power loss at any moment leaves the old file or the new one. On failure path.tmp is removed (a full disk
+    stays usable) and an OSError becomes TrainingStopped with one line."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if commit:
+            commit_atomic(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        message = disk_error(e, path) if isinstance(e, (OSError, RuntimeError)) else None
+        if message:
+            raise TrainingStopped(message) from None
+        raise
+
+
+def commit_atomic(path):
+    """Rename path.tmp (written and fsynced by write_atomic) over path, then fsync the folder (the rename itself)."""
+    try:
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
+    except OSError as e:
+        raise TrainingStopped(disk_error(e, path)) from None
+
+
+def save_checkpoint(path, state, commit=True):
+    """Atomic torch.save (write_atomic); without commit it stays in path.tmp until commit_atomic(path)."""
+    write_atomic(path, lambda f: torch.save(state, f), commit)
 
 
 def load_checkpoint(path):
@@ -401,18 +515,65 @@ def load_checkpoint(path):
         raise ConfigError(f"checkpoint '{path}' cannot be read ({type(e).__name__}); move it away to start afresh")
 
 
+# keys a resume may change (with their sub-keys): where and how fast the run goes, and the learning rates (the advice
+# after a non-finite stop); every other key defines the run and must match the checkpoint's (config.yaml's header)
+RESUME_MAY_CHANGE = ("out_dir", "eval", "model.weights", "data.num_workers", "data.augment_on_device",
+                     "optim.lr_backbone", "optim.lr_head", "optim.clip_grad", "train")
+
+
 def check_same_run(ckpt_cfg, cfg, path):
-    for key in ("arch", "num_register_tokens", "head_hidden", "head_out", "head_layers"):
-        if ckpt_cfg["model"][key] != cfg["model"][key]:
-            raise ConfigError(f"'{path}' holds a run with model.{key}={ckpt_cfg['model'][key]!r}, not "
-                              f"{cfg['model'][key]!r}: choose another out_dir or move the checkpoint away")
+    """Refuse a resume whose run-defining settings differ: a changed batch size, seed or data set would otherwise
+    recompute the schedule in the middle of the run."""
+    old, new = dict(dotted_items(ckpt_cfg)), dict(dotted_items(cfg))
+    show = lambda c, k: repr(c[k]) if k in c else "(not set)"
+    changed = [f"{k} {show(old, k)} -> {show(new, k)}" for k in sorted(old.keys() | new.keys())
+               if old.get(k, ()) != new.get(k, ()) and not any(k == p or k.startswith(p + ".")
+                                                                for p in RESUME_MAY_CHANGE)]
+    if changed:
+        raise ConfigError(f"'{path}' holds a run with other settings ({', '.join(changed)}): re-run with its "
+                          f"values, or start afresh with another out_dir (or move {path} away)")
 
 
 def trim_log(log_path, step):
-    """Drop log lines of steps after the checkpoint: they are recomputed after a resume."""
-    if log_path.is_file():
-        lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        log_path.write_text("".join(ln + "\n" for ln in lines))
+    """Keep the log lines of steps up to the checkpoint's (later ones are recomputed; no checkpoint: a fresh log)
+    and drop lines that do not parse (cut off by a full disk or a power loss). Rewritten atomically."""
+    def write(out):
+        if log_path.is_file():
+            with open(log_path, "rb") as f:
+                for line in f:
+                    try:
+                        keep = json.loads(line)["step"] <= step
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if keep:
+                        out.write(line.rstrip(b"\n") + b"\n")
+
+    write_atomic(log_path, write)
+
+
+def lock_out_dir(out_dir):
+    """Create out_dir, check that files can be created in it, and hold an exclusive lock on out_dir/train.lock for
+    the life of the run; the kernel releases it when the process ends, however it ends. Returns the lock file."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # what writing last.pt.tmp needs
+        lock = open(out_dir / "train.lock", "a+")
+    except OSError as e:
+        raise ConfigError(f"out_dir '{out_dir}' is not writable ({e.strerror}): choose another out_dir")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(f"out_dir '{out_dir}' is in use by {holder}: wait for it to end or choose another out_dir")
+    except OSError as e:  # a file system without locks (some network mounts): run, but say so
+        print(f"warning: cannot lock {lock.name} ({e.strerror}): nothing stops a second run on this out_dir",
+              file=sys.stderr)
+    lock.truncate(0)
+    lock.write(f"train.py (pid {os.getpid()} on {socket.gethostname()})\n")
+    lock.flush()
+    return lock
 
 
 # -----------------------------------------------------------------------------
@@ -434,7 +595,15 @@ def make_loader(dataset, batches, cfg, device):
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate_multicrop, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
-        generator=torch.Generator())  # its own generator: the loader never draws from the global RNG
+        generator=torch.Generator(),  # its own generator: the loader never draws from the global RNG
+        worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id):
+    """Ctrl-C and schedulers signal the whole process group: the loader workers leave SIGINT/SIGTERM to the main
+    process, which saves and then ends them (a worker killed mid-step would abort the step with an error)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # -----------------------------------------------------------------------------
@@ -484,8 +653,37 @@ def pick_device(cfg):
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def agreed_stop(signum, device):
+    """The signal number any rank received (0: none), the same on every rank, so that all stop at the same step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return signum
+    flag = torch.tensor([signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 def train(cfg, demo=False):
+    """The run, with out_dir locked (rank 0) and SIGINT/SIGTERM turned into a checkpoint and an Interrupted."""
     rank, world = setup_distributed()
+    lock = lock_out_dir(Path(cfg["out_dir"])) if rank == 0 else None
+    stop = {"signal": 0, "in_loop": False}
+
+    def on_signal(signum, frame):
+        stop["signal"] = stop["signal"] or signum
+        if not stop["in_loop"]:  # nothing trained yet: stop at once
+            raise Interrupted(signum, "before the first step (nothing new to save)")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run_training(cfg, demo, rank, world, stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if lock:
+            lock.close()
+
+
+def run_training(cfg, demo, rank, world, stop):
     is_main = rank == 0
     o, ncfg, d = cfg["optim"], cfg["neco"], cfg["data"]
     if o["batch_size"] % world:
@@ -496,11 +694,12 @@ def train(cfg, demo=False):
     np.random.seed(cfg["seed"])
     out_dir = Path(cfg["out_dir"])
     ckpt_path, log_path = out_dir / "last.pt", out_dir / "log.jsonl"
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    if ckpt:  # before the data and the model are loaded
+        check_same_run(ckpt["config"], cfg, ckpt_path)
 
-    if demo and not Path(d["root"]).is_dir():
-        make_synthetic_voc()  # the synthetic scenes of data.py, in data/synthetic/
+    if demo:  # the synthetic scenes of data.py, in data/synthetic/ (rewritten unless a previous call completed)
+        make_synthetic_voc()
     transform = MultiCrop(d["global_size"], d["local_size"], tuple(d["global_scale"]), tuple(d["local_scale"]),
                           d["n_local"], tuple(d["min_overlap"]), on_device=d["augment_on_device"])
     dataset = TrainImages(d["root"], transform, seed=cfg["seed"])
@@ -524,19 +723,22 @@ def train(cfg, demo=False):
     queue = PatchQueue(ncfg["queue_size"], cfg["model"]["head_out"], device)
 
     step, skipped_images, bad_steps, bad_in_a_row, elapsed = 0, 0, 0, 0, 0.0
-    if ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        check_same_run(ckpt["config"], cfg, ckpt_path)
+    if ckpt:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, fresh in zip(optimizer.param_groups, param_groups(student, cfg)):
+            group["base_lr"] = fresh["base_lr"]  # the learning rates may change on resume (RESUME_MAY_CHANGE)
         queue.load_state_dict(ckpt["queue"])
         set_rng_state(ckpt["rng"], gen)
         step, skipped_images, bad_steps = ckpt["step"], ckpt["skipped_images"], ckpt["bad_steps"]
         elapsed = ckpt["elapsed_s"]
         if is_main:
-            trim_log(log_path, step)
             print(f"resuming from {ckpt_path} at step {step}/{total_steps}")
+    if is_main:
+        trim_log(log_path, step)  # no checkpoint: a fresh log (a run that never saved left nothing to continue)
+    kept_step, unverified = (step if ckpt else None), None  # the steps of last.pt and of last.pt.tmp
+    del ckpt
 
     model = student
     if world > 1:
@@ -545,20 +747,25 @@ def train(cfg, demo=False):
     autocast = make_autocast(cfg, device)
     refs_for_pair = make_reference_sampler(ncfg, queue, gen, o["batch_size"] // world)
 
-    def checkpoint():
+    def checkpoint(commit):
+        """Write last.pt.tmp; with commit (the end, a signal) rename it to last.pt at once, otherwise flush_log does
+        once a later step has had a finite loss with these weights: after lr 1e6 the first step's loss is finite
+        and its update wrecks the (finite) weights, which must not become the last.pt the advice resumes from."""
+        nonlocal kept_step, unverified
         if is_main:
             save_checkpoint(ckpt_path, {
                 "student": student.state_dict(), "teacher": teacher.state_dict(),
                 "optimizer": optimizer.state_dict(), "queue": queue.state_dict(), "rng": rng_state(gen),
                 "step": step, "config": cfg, "skipped_images": skipped_images, "bad_steps": bad_steps,
-                "elapsed_s": elapsed})
+                "elapsed_s": elapsed}, commit)
+        kept_step, unverified = (step, None) if commit else (kept_step, step)
 
     # The step never waits for the GPU: losses and "was it finite" flags stay on the device and are read once per
     # train.log_every steps, when the log lines are written.
     pending = []  # (step, epoch, schedule values, loss tensor, finite tensor)
 
     def flush_log():
-        nonlocal bad_steps, bad_in_a_row, t_last, elapsed
+        nonlocal bad_steps, bad_in_a_row, t_last, elapsed, kept_step, unverified
         if not pending:
             return
         values = torch.stack([torch.stack([p[3].float(), p[4].float()]) for p in pending]).tolist()
@@ -566,32 +773,49 @@ def train(cfg, demo=False):
         img_per_s = len(pending) * o["batch_size"] / max(now - t_last, 1e-9)
         elapsed += now - t_last
         t_last = now
-        for (s, epoch, sched, _, _), (loss, finite) in zip(pending, values):
-            if finite:
-                bad_in_a_row = 0
-                losses.append(loss)
-            else:
-                bad_steps += 1
-                bad_in_a_row += 1
+        verified = False
+        try:
+            for (s, epoch, sched, _, _), (loss, finite) in zip(pending, values):
+                if finite:
+                    bad_in_a_row = 0
+                    losses.append(loss)
+                    verified |= unverified is not None and s > unverified
+                else:
+                    bad_steps += 1
+                    bad_in_a_row += 1
+                if is_main:
+                    log.write(json.dumps({
+                        "step": s, "epoch": epoch, "loss": loss if finite else None,
+                        "lr": o["lr_backbone"] * sched["lr_scale"], "lr_head": o["lr_head"] * sched["lr_scale"],
+                        "wd": sched["wd"], "momentum": sched["momentum"], "img_per_s": round(img_per_s, 2),
+                        "skipped_images": skipped_images, "bad_steps": bad_steps}) + "\n")
             if is_main:
-                log.write(json.dumps({
-                    "step": s, "epoch": epoch, "loss": loss if finite else None,
-                    "lr": o["lr_backbone"] * sched["lr_scale"], "lr_head": o["lr_head"] * sched["lr_scale"],
-                    "wd": sched["wd"], "momentum": sched["momentum"], "img_per_s": round(img_per_s, 2),
-                    "skipped_images": skipped_images, "bad_steps": bad_steps}) + "\n")
+                log.flush()
+        except OSError as e:
+            raise TrainingStopped(disk_error(e, log_path)) from None
         pending.clear()
+        if verified:  # the weights of last.pt.tmp have given a finite loss: they become last.pt
+            if is_main:
+                os.fsync(log.fileno())
+                commit_atomic(ckpt_path)
+            kept_step, unverified = unverified, None
         if is_main:
-            log.flush()
             bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-",
                             lr=f"{o['lr_backbone'] * sched['lr_scale']:.2e}", img_s=f"{img_per_s:.1f}", refresh=False)
         if bad_in_a_row >= cfg["train"]["max_bad_steps"]:
-            checkpoint()
+            bar.close()
+            if is_main:
+                ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)
+            kept = (f"{ckpt_path} keeps step {kept_step}" if kept_step is not None else "no checkpoint was kept")
             raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or no readable image "
-                                  f"(step {step}); lower the learning rate or check data.root, then re-run")
+                                  f"(step {step}); {kept}: re-run with a lower optim.lr_backbone (and lr_head), "
+                                  f"or check data.root")
 
     bar = tqdm(total=stop_step, initial=step, disable=not is_main, dynamic_ncols=True, desc="neco")
     log = open(log_path, "a") if is_main else None
     t_last, losses = time.time(), []
+    t = cfg["train"]
+    stop["in_loop"] = True  # from here on a signal ends the current step, then saves
     while step < stop_step:
         epoch, start = divmod(step, iters_per_epoch)
         dataset.set_epoch(epoch)
@@ -616,14 +840,21 @@ def train(cfg, demo=False):
             step += 1
             pending.append((step, epoch, sched, loss, finite))
             bar.update(1)
-            if step % cfg["train"]["log_every"] == 0 or step % cfg["train"]["ckpt_every"] == 0 \
-                    or step == stop_step:
+            # losses are read at log points, at checkpoints and one step after each (which verifies last.pt.tmp);
+            # under torchrun the ranks agree on a signal there, every step in a single process
+            at_log = step % t["log_every"] == 0 or step % t["ckpt_every"] <= 1 or step == stop_step
+            signum = agreed_stop(stop["signal"], device) if (at_log or world == 1) and step < stop_step else 0
+            if at_log or signum:
                 flush_log()
-            if step % cfg["train"]["ckpt_every"] == 0 or step == stop_step:
-                checkpoint()
+            if step % t["ckpt_every"] == 0 or step == stop_step or signum:
+                checkpoint(commit=step == stop_step or bool(signum))
+            if signum:
+                bar.close()
+                raise Interrupted(signum, f"at step {step}; checkpoint saved to {ckpt_path}; re-run the same "
+                                          f"command to resume")
     bar.close()
     if not ckpt_path.is_file():  # max_steps 0: the starting weights, e.g. as the baseline of an evaluation
-        checkpoint()
+        checkpoint(commit=True)
     if is_main:
         log.close()
         first = sum(losses[:5]) / max(len(losses[:5]), 1) if losses else float("nan")
@@ -725,6 +956,10 @@ def main(argv=None):
     except (ConfigError, FileNotFoundError, TrainingStopped) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"interrupted {e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     return 0
 
 

@@ -1,8 +1,15 @@
 """train.py: the loss against brute force, gradients, EMA, schedules, checkpoints, exact resume, DDP, CLI errors."""
+import builtins
+import errno
+import io
 import json
 import math
+import multiprocessing
 import os
+import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -10,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 import torch.utils._python_dispatch
 from torchvision.io import write_jpeg
@@ -20,15 +28,18 @@ from sort import diff_sort
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_cfg(tmp_path, images, **over):
-    """The real config with a tiny model and crops: a few steps take a second on the CPU."""
-    sets = [f"out_dir={tmp_path / 'run'}", f"data.root={images}", "model.arch=vit_tiny14_reg", "model.weights=null",
+def tiny_sets(out_dir, images, **over):
+    """--set pairs of the real config with a tiny model and crops: a few steps take a second on the CPU."""
+    sets = [f"out_dir={out_dir}", f"data.root={images}", "model.arch=vit_tiny14_reg", "model.weights=null",
             "model.head_hidden=64", "model.head_out=32", "model.drop_path_rate=0.0", "data.global_size=56",
             "data.local_size=28", "data.num_workers=0", "neco.roi_size=4", "neco.num_references=16",
             "neco.queue_size=256", "optim.batch_size=4", "optim.epochs=2", "optim.lr_backbone=1e-3",
             "optim.lr_head=1e-2", "train.device=cpu", "train.ckpt_every=2"]
-    sets += [f"{k}={v}" for k, v in over.items()]
-    return train.load_config(ROOT / "config.yaml", sets)
+    return sets + [f"{k}={v}" for k, v in over.items()]
+
+
+def tiny_cfg(tmp_path, images, **over):
+    return train.load_config(ROOT / "config.yaml", tiny_sets(tmp_path / "run", images, **over))
 
 
 @pytest.fixture(scope="module")
@@ -400,33 +411,56 @@ def test_checkpoint_round_trip_and_resume_equals_uninterrupted(tmp_path, images,
         torch.testing.assert_close(student_b[k], student_a[k], rtol=0, atol=1e-6)
 
 
-def test_sigkill_and_rerun_gives_the_uninterrupted_weights(tmp_path, images):
-    """A run killed with SIGKILL mid-training and re-run ends where an uninterrupted run ends."""
-    args = ["--set", f"out_dir={tmp_path / 'killed'}", f"data.root={images}", "model.arch=vit_tiny14_reg",
-            "model.weights=null", "model.head_hidden=64", "model.head_out=32", "model.drop_path_rate=0.1",
-            "data.global_size=56", "data.local_size=28", "data.num_workers=0", "neco.roi_size=4",
-            "neco.num_references=16", "neco.queue_size=256", "optim.batch_size=4", "optim.epochs=3",
-            "train.device=cpu", "train.ckpt_every=2"]
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "config.yaml")] + args
-    log = tmp_path / "killed" / "log.jsonl"
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+KILL_ARGS = ["model.arch=vit_tiny14_reg", "model.weights=null", "model.head_hidden=64", "model.head_out=32",
+             "model.drop_path_rate=0.1", "data.global_size=56", "data.local_size=28", "data.num_workers=0",
+             "neco.roi_size=4", "neco.num_references=16", "neco.queue_size=256", "optim.batch_size=4",
+             "optim.epochs=3", "train.device=cpu", "train.ckpt_every=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, images):
+    """The student after the 9 steps of KILL_ARGS, run in one go."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train.train(train.load_config(ROOT / "config.yaml", KILL_ARGS + [f"data.root={images}", f"out_dir={out}"]))
+    return final_student(out)[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_killed_or_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, images, uninterrupted, sig):
+    """SIGKILL: the re-run resumes from the last periodic checkpoint. SIGTERM (a scheduler) and SIGINT (Ctrl-C), sent
+    to the whole process group as a terminal or a scheduler does (a loader worker included): the step ends, a
+    checkpoint is saved (there is no periodic one: ckpt_every 100), one line says so, the exit code is 128 + signal.
+    Either way the re-run ends with the weights of an uninterrupted run, and the log has each step once."""
+    out = tmp_path / "killed"
+    extra = ["train.ckpt_every=2"] if sig == signal.SIGKILL else \
+        ["train.ckpt_every=100", "train.log_every=1", "data.num_workers=1"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "config.yaml"), "--set", *KILL_ARGS,
+           f"data.root={images}", f"out_dir={out}", *extra]
+    log = out / "log.jsonl"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if log.is_file() and len(log.read_text().splitlines()) >= 3:  # killed after step 3: checkpoint at step 2
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, sig)
             break
         time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    stderr = proc.communicate()[1]
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    else:
+        assert proc.returncode == 128 + sig, stderr
+        last = stderr.strip().splitlines()[-1]
+        saved = torch.load(out / "last.pt", weights_only=True)["step"]
+        assert last == f"interrupted at step {saved}; checkpoint saved to {out / 'last.pt'}; re-run the same " \
+                       f"command to resume", stderr
+        assert "Traceback" not in stderr and 3 <= saved < 9
+        assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == list(range(1, saved + 1))
+        assert not (out / "last.pt.tmp").exists()
     assert subprocess.run(cmd, cwd=tmp_path, capture_output=True).returncode == 0
-
-    ref = train.load_config(ROOT / "config.yaml", args[1:])
-    ref["out_dir"] = str(tmp_path / "uninterrupted")
-    train.train(ref)
-    _, killed = final_student(tmp_path / "killed")
-    _, clean = final_student(tmp_path / "uninterrupted")
-    for k in clean:
-        torch.testing.assert_close(killed[k], clean[k], rtol=0, atol=1e-6)
+    _, student = final_student(out)
+    for k in uninterrupted:
+        torch.testing.assert_close(student[k], uninterrupted[k], rtol=0, atol=1e-6)
     steps = [json.loads(ln)["step"] for ln in log.read_text().splitlines()]
     assert steps == list(range(1, 10))  # the log has each step once
 
@@ -472,6 +506,41 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path, ima
     assert any(not torch.equal(before[k], v) for k, v in ddp["student"].items())  # it did train
 
 
+def _ddp_train_worker(rank, world, cfg, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        train.train(cfg)
+        result = "finished"
+    except train.Interrupted as e:
+        result = f"{e.signum} {e}"
+    torch.distributed.destroy_process_group()
+    (out / f"rank{rank}.txt").write_text(result)
+
+
+def test_ddp_ranks_stop_together_when_one_rank_gets_sigterm(tmp_path, images):
+    """torchrun: only rank 1 receives SIGTERM; both ranks stop at the same step (they agree at the next log point,
+    train.log_every 2), rank 0 saves that step, nobody waits forever in a collective."""
+    cfg = tiny_cfg(tmp_path, images, **{"optim.epochs": 30, "train.log_every": 2, "train.ckpt_every": 1000})
+    log = Path(cfg["out_dir"]) / "log.jsonl"
+    port = 29500 + (os.getpid() + 1) % 1000
+    ctx = torch.multiprocessing.spawn(_ddp_train_worker, args=(2, cfg, port, tmp_path), nprocs=2, join=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    os.kill(ctx.processes[1].pid, signal.SIGTERM)
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the ranks did not stop: a deadlock")
+    results = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    saved = torch.load(Path(cfg["out_dir"]) / "last.pt", weights_only=True)["step"]
+    assert results[0] == results[1] == f"{int(signal.SIGTERM)} at step {saved}; checkpoint saved to " \
+                                       f"{Path(cfg['out_dir']) / 'last.pt'}; re-run the same command to resume"
+    assert saved % 2 == 0 and saved < 90
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == list(range(1, saved + 1))
+
+
 # -----------------------------------------------------------------------------
 # the command line: one line naming the culprit, exit code 2, no traceback
 
@@ -502,6 +571,248 @@ def test_too_many_bad_steps_stop_with_a_message(tmp_path, images, capsys):
     sd = {k: torch.full_like(v, float("nan")) for k, v in student.backbone.state_dict().items()}
     torch.save(sd, tmp_path / "nan.pth")
     cfg["model"]["weights"] = str(tmp_path / "nan.pth")
-    with pytest.raises(train.TrainingStopped, match="2 steps in a row"):
+    with pytest.raises(train.TrainingStopped, match="2 steps in a row.*no checkpoint was kept.*lower optim.lr_back"):
         train.train(cfg)
-    assert torch.load(Path(cfg["out_dir"]) / "last.pt", weights_only=True)["bad_steps"] == 2
+    out = Path(cfg["out_dir"])
+    assert not (out / "last.pt").exists() and not (out / "last.pt.tmp").exists()  # NaN weights are never kept
+
+
+# -----------------------------------------------------------------------------
+# no lost work: the log, the out_dir lock, a full or read-only disk, non-finite stops, changed settings, bad values
+
+
+def log_steps(out_dir):
+    return [json.loads(ln)["step"] for ln in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_skips_a_cut_off_log_line_and_a_run_without_checkpoint_starts_a_fresh_log(tmp_path, images):
+    cfg = tiny_cfg(tmp_path, images, **{"train.max_steps": 4})
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True)
+    (out / "log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))  # died before saving
+    assert train.train(cfg) == 4
+    assert log_steps(out) == [1, 2, 3, 4]
+    assert all("loss" in json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines())  # this run's lines
+    with open(out / "log.jsonl", "ab") as f:  # a full disk cut a line off; a power loss left NUL bytes
+        f.write(b'{"step": 5, "epoch": 1, "lo' + b"\x00" * 64 + b"\n" + b"\x00" * 32)
+    cfg["train"]["max_steps"] = None
+    assert train.train(cfg) == 6
+    assert log_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def _trim_log_killed_mid_write(log, step, after_bytes):
+    """trim_log in a forked child that SIGKILLs itself once after_bytes bytes went to any file opened for writing."""
+    real_open, written = builtins.open, [0]
+
+    class Dying:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def write(self, data):
+            if written[0] + len(data) >= after_bytes:
+                self.f.write(data[:after_bytes - written[0]])
+                self.f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            written[0] += len(data)
+            return self.f.write(data)
+
+    def dying_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return Dying(f) if set(mode) & set("wax+") else f
+
+    builtins.open = io.open = dying_open  # Path.write_text goes through io.open
+    train.trim_log(log, step)
+
+
+def test_sigkill_during_the_log_rewrite_leaves_the_old_or_the_new_log(tmp_path):
+    """A SIGKILL in the middle of the rewrite on resume (before any byte, after some, after most) leaves the log
+    either as it was or trimmed; the in-place rewrite left it empty or cut."""
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 10_001)]
+    old, new = "".join(lines), "".join(lines[:5000])
+    for after_bytes in (0, 1000, len(new) - 10):
+        log.write_text(old)
+        child = multiprocessing.get_context("fork").Process(target=_trim_log_killed_mid_write,
+                                                           args=(log, 5000, after_bytes))
+        child.start()
+        child.join()
+        assert child.exitcode == -signal.SIGKILL  # it did die in the middle of a write
+        assert log.read_text() in (old, new)
+    train.trim_log(log, 5000)  # the next resume: the temporary file left by the kill does not get in the way
+    assert log.read_text() == new
+
+
+def test_second_run_on_the_same_out_dir_stops_naming_the_first(tmp_path, images, capsys):
+    sets = tiny_sets(tmp_path / "run", images, **{"optim.epochs": 1000})
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "config.yaml"),
+                              "--set", *sets], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = tmp_path / "run" / "train.lock"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (lock.is_file() and f"pid {first.pid} " in lock.read_text()):
+        time.sleep(0.05)
+    try:
+        assert train.main(["--config", str(ROOT / "config.yaml"), "--set", *sets]) == 2
+    finally:
+        first.kill()  # SIGKILL: its lock goes with it
+        first.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pid {first.pid} on {socket.gethostname()}" in err[0] and "out_dir" in err[0], err
+    # the lock of a killed run does not block: the same command runs (max_steps 0: no training needed to show it)
+    assert train.main(["--config", str(ROOT / "config.yaml"), "--set", *sets, "train.max_steps=0"]) == 0
+
+
+@pytest.mark.parametrize("fault", ["dev_full", "midway"])
+def test_full_disk_keeps_last_pt_removes_the_temporary_file_and_says_so(tmp_path, images, monkeypatch, fault):
+    """dev_full: last.pt.tmp is a link to /dev/full, where every write fails with ENOSPC from the kernel. midway:
+    torch.save writes half of the checkpoint, then the write fails with ENOSPC."""
+    cfg = tiny_cfg(tmp_path, images, **{"train.max_steps": 2})
+    train.train(cfg)
+    out = Path(cfg["out_dir"])
+    kept, tmp = (out / "last.pt").read_bytes(), out / "last.pt.tmp"
+    if fault == "dev_full":
+        tmp.symlink_to("/dev/full")
+    else:
+        real_save = torch.save
+
+        def save_half(obj, f):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[:buffer.tell() // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(torch, "save", save_half)
+    cfg["train"]["max_steps"] = None
+    with pytest.raises(train.TrainingStopped) as stopped:
+        train.train(cfg)
+    assert str(stopped.value).startswith(f"no space left on {out} (writing last.pt)")
+    assert "\n" not in str(stopped.value)
+    assert (out / "last.pt").read_bytes() == kept and not tmp.exists() and not tmp.is_symlink()
+
+
+def test_checkpoint_file_and_folder_are_fsynced_around_the_rename(tmp_path, monkeypatch):
+    calls, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(
+        "fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("rename") or real_replace(a, b))
+    train.save_checkpoint(tmp_path / "last.pt", {"x": torch.arange(3)})
+    assert calls == ["fsync file", "rename", "fsync folder"]
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["x"], torch.arange(3))
+
+
+def test_unwritable_out_dir_is_one_line_before_any_model_or_data(tmp_path, images, monkeypatch, capsys):
+    """A folder below a regular file (no one can create it), and a read-only folder: tests run as root, which
+    writes into a chmod 555 folder anyway, so as root the folder's create call fails as on a read-only mount."""
+    loaded = []
+    monkeypatch.setattr(train, "build_models", lambda cfg: loaded.append("model"))
+    monkeypatch.setattr(train, "TrainImages", lambda *a, **k: loaded.append("data"))
+    (tmp_path / "a_file").write_text("")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:
+        def no_write(*args, dir=None, **kw):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        monkeypatch.setattr(train.tempfile, "TemporaryFile", no_write)
+    for out_dir in (tmp_path / "a_file" / "run", read_only):
+        assert train.main(["--config", str(ROOT / "config.yaml"), "--set", *tiny_sets(out_dir, images)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: out_dir '{out_dir}' is not writable"), err
+    assert loaded == []
+
+
+def test_non_finite_stop_keeps_the_last_good_checkpoint_and_the_advice_finishes_the_run(tmp_path, images):
+    """lr 1e6: step 3's loss is finite and its update wrecks the weights (finite, ~1e6), steps 4 and 5 are
+    non-finite. last.pt keeps step 2, also with a checkpoint at every step; re-running with a lower
+    optim.lr_backbone, as the message says, resumes from it with that lr and finishes."""
+    over = {"train.ckpt_every": 1, "train.max_bad_steps": 2}
+    assert train.train(tiny_cfg(tmp_path, images, **over, **{"train.max_steps": 2})) == 2
+    out = tmp_path / "run"
+    good = (out / "last.pt").read_bytes()
+    with pytest.raises(train.TrainingStopped, match="keeps step 2: re-run with a lower optim.lr_backbone"):
+        train.train(tiny_cfg(tmp_path, images, **over, **{"optim.lr_backbone": 1e6}))
+    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in log] == [False, False, False, True, True]
+    assert (out / "last.pt").read_bytes() == good and not (out / "last.pt.tmp").exists()
+    assert train.train(tiny_cfg(tmp_path, images, **over, **{"optim.lr_backbone": 5e-4})) == 6
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert groups[0]["base_lr"] == 5e-4 and groups[2]["base_lr"] == 1e-2
+    assert groups[0]["lr"] == pytest.approx(5e-4 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))  # set for step 6
+    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+    assert log_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_changed_run_settings_is_refused_naming_them(tmp_path, images):
+    assert train.train(tiny_cfg(tmp_path, images, **{"train.max_steps": 2})) == 2
+    kept = (tmp_path / "run" / "last.pt").read_bytes()
+    shutil.copytree(images, tmp_path / "copy")  # the same images in another folder: still another data.root
+    changed = tiny_cfg(tmp_path, images, **{"optim.batch_size": 2, "seed": 1, "neco.queue_size": 128,
+                                            "data.root": tmp_path / "copy"})
+    with pytest.raises(train.ConfigError) as refused:
+        train.train(changed)
+    message = str(refused.value)
+    for change in ("optim.batch_size 4 -> 2", "seed 0 -> 1", "neco.queue_size 256 -> 128",
+                   f"data.root '{images}' -> '{tmp_path / 'copy'}'", "another out_dir"):
+        assert change in message, message
+    assert (tmp_path / "run" / "last.pt").read_bytes() == kept
+    safe = {"optim.lr_backbone": 5e-4, "optim.lr_head": 5e-3, "train.log_every": 1, "train.ckpt_every": 5,
+            "data.num_workers": 1, "train.max_steps": 3}
+    assert train.train(tiny_cfg(tmp_path, images, **safe)) == 3
+
+
+def test_demo_regenerates_a_synthetic_set_cut_off_by_a_kill(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jpegs = tmp_path / "data" / "synthetic" / "VOC2012" / "JPEGImages"
+    jpegs.mkdir(parents=True)
+    for i in range(3):  # what a kill during the generation leaves: some images, the last one cut, no marker
+        (jpegs / f"syn_{i:05d}.jpg").write_bytes(b"\xff\xd8\xff" * (1 if i == 2 else 100))
+    cfg = train.load_config(ROOT / "config.yaml", ["train.max_steps=0"], demo=True)
+    train.validate_config(cfg, demo=True)
+    assert train.train(cfg, demo=True) == 0
+    assert len(list(jpegs.glob("*.jpg"))) == 200 and (jpegs.parent / ".complete").is_file()
+
+
+@pytest.mark.parametrize("pair, key", [
+    ("optim.lr_backbone=", "optim.lr_backbone"), ("optim.lr_backbone=-1e-5", "optim.lr_backbone"),
+    ("optim.lr_head=0", "optim.lr_head"), ("optim.lr_backbone=nan", "optim.lr_backbone"),
+    ("optim.batch_size=0", "optim.batch_size"), ("optim.epochs=-1", "optim.epochs"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"), ("optim.betas=[0.9, 1.0]", "optim.betas"),
+    ("optim.betas=[0.9]", "optim.betas"), ("optim.momentum_teacher=3", "optim.momentum_teacher"),
+    ("optim.clip_grad=-1", "optim.clip_grad"), ("neco.roi_size=0", "neco.roi_size"),
+    ("neco.queue_size=0", "neco.queue_size"), ("train.max_steps=-1", "train.max_steps"),
+    ("train.ckpt_every=0", "train.ckpt_every"), ("train.log_every=0", "train.log_every"),
+    ("train.max_bad_steps=0", "train.max_bad_steps"), ("data.num_workers=-1", "data.num_workers"),
+    ("data.min_overlap=[0.5, 1.5]", "data.min_overlap"), ("data.global_scale=[0.5, 0.2]", "data.global_scale"),
+    ("data.local_size=0", "data.local_size"), ("data.n_local=-1", "data.n_local"),
+    ("model.drop_path_rate=1.5", "model.drop_path_rate"), ("model.head_out=0", "model.head_out"),
+    ("model.arch=vit_huge14", "model.arch"), ("seed=-1", "seed"), ("out_dir=", "out_dir"),
+])
+def test_bad_values_are_one_line_naming_the_key_before_anything_loads(pair, key, monkeypatch, capsys):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("validation let it through"))
+    assert train.main(["--config", str(ROOT / "config.yaml"), "--set", "data.root=tests", pair]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: config key '{key}' must be"), err
+
+
+def test_bad_config_files_are_one_line_naming_file_and_line(tmp_path, capsys):
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    del cfg["train"]
+    (tmp_path / "no_train.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "bad.yaml").write_text("seed: 0\nmodel:\n  arch: a: b\n")
+    (tmp_path / "latin1.yaml").write_bytes("seed: 0\nout_dir: runs\n# r\u00e9sum\u00e9\n".encode("latin-1"))
+    (tmp_path / "a_folder.yaml").mkdir()
+    for name, expected in (("no_train.yaml", "config key 'train.device' is missing (no 'train' in the config file"),
+                           ("bad.yaml", "is not valid YAML at line 3, column 10"),
+                           ("latin1.yaml", "is not UTF-8 text (line 3)"),
+                           ("a_folder.yaml", "cannot be read (Is a directory)")):
+        assert train.main(["--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and (name in err[0] or name == "no_train.yaml"), err
