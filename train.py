@@ -26,8 +26,8 @@ import yaml
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
-from data import (MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois, make_synthetic_voc,
-                  photometric_params)
+from data import (READ_ATTEMPTS, MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois,
+                  make_synthetic_voc, photometric_params)
 from model import ProjectionHead, build_backbone
 from sort import diff_sort
 
@@ -127,6 +127,8 @@ def validate_config(cfg, demo=False):
     """Fail in the first second on a mistake that would otherwise surface after minutes of loading."""
     m, d, n, o, t = cfg["model"], cfg["data"], cfg["neco"], cfg["optim"], cfg["train"]
     choices = {"neco.references": (n["references"], ("queue", "batch")),
+               "model.pos_embed_rule": (m["pos_embed_rule"], ("neco", "dinov2")),
+               "model.teacher_head": (m["teacher_head"], ("random", "copy")),
                "train.precision": (t["precision"], ("bf16", "fp32")),
                "train.device": (t["device"], ("auto", "cpu", "cuda"))}
     for key, (value, allowed) in choices.items():
@@ -145,8 +147,9 @@ def validate_config(cfg, demo=False):
     if n["references"] == "batch" and n["num_references"] > n["roi_size"] ** 2:
         raise ConfigError("config key 'neco.num_references' must be <= neco.roi_size^2 in batch mode")
     try:  # the sort's own argument checks, on a tiny input
-        diff_sort(torch.zeros(1, n["num_references"]), n["sort_network"], n["sort_steepness"],
-                  n["sort_distribution"], n["sort_art_lambda"])
+        for steepness in (n["student_steepness"], n["teacher_steepness"]):
+            diff_sort(torch.zeros(1, n["num_references"]), n["sort_network"], steepness, n["sort_distribution"],
+                      n["sort_art_lambda"])
     except ValueError as e:
         raise ConfigError(f"config section 'neco': {e}")
     root = Path(d["root"])
@@ -186,16 +189,23 @@ class NeCoModel(nn.Module):
 
 
 def build_models(cfg):
-    """Student and teacher start from the same weights; the teacher (backbone and head) is an exact copy that never
-    gets gradients. Only the student has stochastic depth."""
+    """Student and teacher start from the same backbone weights; the teacher's projection head is its own random
+    draw (model.teacher_head: random, as the public run) or a copy of the student's (copy). The teacher never gets
+    gradients; only the student has stochastic depth. Both resize pos_embed by model.pos_embed_rule."""
     m = cfg["model"]
-    student_backbone = build_backbone(m["arch"], m["weights"], m["num_register_tokens"], m["drop_path_rate"])
-    teacher_backbone = build_backbone(m["arch"], None, m["num_register_tokens"], 0.0)
-    head = ProjectionHead(student_backbone.embed_dim, m["head_hidden"], m["head_out"], m["head_layers"])
-    student = NeCoModel(student_backbone, head)
-    teacher = NeCoModel(teacher_backbone, ProjectionHead(student_backbone.embed_dim, m["head_hidden"],
-                                                         m["head_out"], m["head_layers"]))
-    teacher.load_state_dict(student.state_dict())
+
+    def backbone(weights, drop_path_rate):
+        return build_backbone(m["arch"], weights, m["num_register_tokens"], drop_path_rate, m["pos_embed_rule"])
+
+    def head(dim):
+        return ProjectionHead(dim, m["head_hidden"], m["head_out"], m["head_layers"])
+
+    student_backbone, teacher_backbone = backbone(m["weights"], m["drop_path_rate"]), backbone(None, 0.0)
+    student = NeCoModel(student_backbone, head(student_backbone.embed_dim))
+    teacher = NeCoModel(teacher_backbone, head(student_backbone.embed_dim))  # drawn after the student's head
+    teacher.backbone.load_state_dict(student.backbone.state_dict())
+    if m["teacher_head"] == "copy":
+        teacher.head.load_state_dict(student.head.state_dict())
     teacher.requires_grad_(False)
     # DINOv2's mask_token is only used by iBOT masking, never here: a parameter without a gradient would stall
     # DistributedDataParallel's gradient buckets, so it stays frozen (and unchanged in the checkpoint)
@@ -223,19 +233,20 @@ def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
     return q_t.flatten(2).transpose(1, 2), q_s.flatten(2).transpose(1, 2)  # (B, r*r, out)
 
 
-ROI_SAMPLING = 2  # bilinear samples per output cell side in roi_align (data.py's correspondence test uses the same)
+ROI_SAMPLING = -1  # roi_align's adaptive default, as the public run: ceil(bin side) samples per bin side
 
 
 def sort_cross_entropy(sim_s, sim_t, ncfg):
-    """sim_*: (R, n) similarities of R queries to n references. Sort both; cross-entropy of the student's relaxed
-    permutation matrices against the teacher's, summed over ranks, averaged over queries and references."""
+    """sim_*: (R, n) similarities of R queries to n references. Sort both, each with its network's steepness;
+    cross-entropy of the student's relaxed permutation matrices against the teacher's, summed over ranks, averaged
+    over queries and references."""
     # check_finite=False: no host sync for a NaN check; non-finite similarities give a non-finite loss, and
     # train_step skips that step on the device
-    kw = dict(network=ncfg["sort_network"], steepness=ncfg["sort_steepness"],
-              distribution=ncfg["sort_distribution"], art_lambda=ncfg["sort_art_lambda"], check_finite=False)
+    kw = dict(network=ncfg["sort_network"], distribution=ncfg["sort_distribution"],
+              art_lambda=ncfg["sort_art_lambda"], check_finite=False)
     with torch.no_grad():
-        _, P_t = diff_sort(sim_t, **kw)  # (R, n, n)
-    _, P_s = diff_sort(sim_s, **kw)
+        _, P_t = diff_sort(sim_t, steepness=ncfg["teacher_steepness"], **kw)  # (R, n, n)
+    _, P_s = diff_sort(sim_s, steepness=ncfg["student_steepness"], **kw)
     # P can hold exact zeros (logistic at high steepness underflows); clamping at the smallest normal float keeps
     # log finite and leaves every entry that is not already denormal unchanged.
     log_P_s = torch.log(P_s.clamp_min(torch.finfo(P_s.dtype).tiny))
@@ -288,9 +299,17 @@ class PatchQueue:
         self.ptr[g] = (self.ptr[g] + count) % size
         self.filled[g] = min(self.filled[g] + count, size)
 
-    def sample(self, g, shape, gen):
-        idx = torch.randint(0, self.filled[g], shape, generator=gen, device=gen.device).to(self.feats.device)
-        return self.feats[g, idx]
+    def sample(self, g, rows, n, gen):
+        """(rows, n, dim): n distinct filled rows of queue g for each of `rows` images. When the queue holds enough
+        rows, they are distinct over the whole draw, as in the public code once its queue is full; while it fills,
+        distinct within each image (a queue with fewer than n rows repeats them). The counts are host ints: no sync."""
+        filled = self.filled[g]
+        if rows * n <= filled:
+            idx = torch.randperm(filled, generator=gen, device=gen.device)[:rows * n].view(rows, n)
+        else:  # one random key per row and image, sorted: a permutation of the filled rows per image
+            idx = torch.rand(rows, filled, generator=gen, device=gen.device).argsort(dim=1)
+            idx = idx.repeat(1, -(-n // filled))[:, :n]
+        return self.feats[g, idx.to(self.feats.device)]
 
     def state_dict(self):
         return {"feats": self.feats.cpu(), "ptr": list(self.ptr), "filled": list(self.filled)}
@@ -309,6 +328,15 @@ def all_gather_cat(x):
     return torch.cat(parts)
 
 
+def sum_over_ranks(counts, device):
+    """Host ints of this rank -> their elementwise sums over the ranks (one all_reduce; unchanged in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    total = torch.tensor(counts, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 def rank_slice(x, B):
     """This rank's rows of a tensor drawn for the whole (global) batch: every rank draws the same random numbers
     from the shared generator and keeps its part, so N ranks reproduce the single-process step exactly."""
@@ -321,7 +349,7 @@ def make_reference_sampler(ncfg, queue, gen, B):
 
     def from_queue(g, q_t):
         global_B = B * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
-        return rank_slice(queue.sample(g, (global_B, n_ref), gen), B)  # (B, n_ref, out)
+        return rank_slice(queue.sample(g, global_B, n_ref, gen), B)  # (B, n_ref, out)
 
     def from_batch(g, q_t):
         pool = all_gather_cat(q_t.detach()).flatten(0, 1)  # (global_B * Q, out): mostly other images' patches
@@ -502,7 +530,7 @@ def train(cfg, demo=False):
     if demo and not Path(d["root"]).is_dir():
         make_synthetic_voc()  # the synthetic scenes of data.py, in data/synthetic/
     transform = MultiCrop(d["global_size"], d["local_size"], tuple(d["global_scale"]), tuple(d["local_scale"]),
-                          d["n_local"], tuple(d["min_overlap"]), on_device=d["augment_on_device"])
+                          d["n_local"], d["min_overlap"], on_device=d["augment_on_device"])
     dataset = TrainImages(d["root"], transform, seed=cfg["seed"])
     iters_per_epoch = len(dataset) // o["batch_size"]
     if iters_per_epoch == 0:
@@ -555,18 +583,20 @@ def train(cfg, demo=False):
 
     # The step never waits for the GPU: losses and "was it finite" flags stay on the device and are read once per
     # train.log_every steps, when the log lines are written.
-    pending = []  # (step, epoch, schedule values, loss tensor, finite tensor)
+    pending = []  # (step, epoch, schedule values, loss tensor, finite tensor, unreadable files met by this rank)
 
     def flush_log():
-        nonlocal bad_steps, bad_in_a_row, t_last, elapsed
+        nonlocal bad_steps, bad_in_a_row, t_last, elapsed, skipped_images
         if not pending:
             return
         values = torch.stack([torch.stack([p[3].float(), p[4].float()]) for p in pending]).tolist()
+        unreadable = sum_over_ranks([p[5] for p in pending], device)
         now = time.time()
         img_per_s = len(pending) * o["batch_size"] / max(now - t_last, 1e-9)
         elapsed += now - t_last
         t_last = now
-        for (s, epoch, sched, _, _), (loss, finite) in zip(pending, values):
+        for (s, epoch, sched, *_), (loss, finite), n_unreadable in zip(pending, values, unreadable):
+            skipped_images += n_unreadable
             if finite:
                 bad_in_a_row = 0
                 losses.append(loss)
@@ -586,8 +616,8 @@ def train(cfg, demo=False):
                             lr=f"{o['lr_backbone'] * sched['lr_scale']:.2e}", img_s=f"{img_per_s:.1f}", refresh=False)
         if bad_in_a_row >= cfg["train"]["max_bad_steps"]:
             checkpoint()
-            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or no readable image "
-                                  f"(step {step}); lower the learning rate or check data.root, then re-run")
+            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss (step {step}); lower the "
+                                  f"learning rate, then re-run")
 
     bar = tqdm(total=stop_step, initial=step, disable=not is_main, dynamic_ncols=True, desc="neco")
     log = open(log_path, "a") if is_main else None
@@ -597,24 +627,27 @@ def train(cfg, demo=False):
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(dataset), o["batch_size"], epoch, cfg["seed"], start, rank, world)
         batches = batches[:stop_step - step]
-        for crops, boxes, n_skipped in make_loader(dataset, batches, cfg, device):
-            skipped_images += n_skipped
+        for crops, boxes, n_unreadable in make_loader(dataset, batches, cfg, device):
+            if crops is None:  # READ_ATTEMPTS unreadable files in a row: the folder is gone or holds no images
+                if world == 1:  # (under torchrun the other ranks wait in a collective: no checkpoint there)
+                    flush_log()
+                    checkpoint()
+                bar.close()
+                raise ConfigError(f"data.root '{d['root']}': {READ_ATTEMPTS} image files in a row could not be "
+                                  f"read (the warnings above name them); check the folder, then re-run")
             sched = schedules(cfg, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * sched["lr_scale"]
                 if group["apply_wd"]:
                     group["weight_decay"] = sched["wd"]
-            if crops is None:  # no readable image in this batch: counts as a bad step
-                loss, finite = torch.tensor(float("nan"), device=device), torch.tensor(False, device=device)
-            else:
-                crops = [c.to(device, non_blocking=True) for c in crops]
-                boxes = boxes.to(device, non_blocking=True)
-                if d["augment_on_device"]:
-                    crops = augment_views(crops, gen, o["batch_size"] // world)
-                loss, finite = train_step(model, student, teacher, optimizer, queue, gen, crops, boxes,
-                                          refs_for_pair, cfg, autocast, sched["momentum"])
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            boxes = boxes.to(device, non_blocking=True)
+            if d["augment_on_device"]:
+                crops = augment_views(crops, gen, o["batch_size"] // world)
+            loss, finite = train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair,
+                                      cfg, autocast, sched["momentum"])
             step += 1
-            pending.append((step, epoch, sched, loss, finite))
+            pending.append((step, epoch, sched, loss, finite, n_unreadable))
             bar.update(1)
             if step % cfg["train"]["log_every"] == 0 or step % cfg["train"]["ckpt_every"] == 0 \
                     or step == stop_step:
@@ -629,7 +662,7 @@ def train(cfg, demo=False):
         first = sum(losses[:5]) / max(len(losses[:5]), 1) if losses else float("nan")
         last = sum(losses[-5:]) / max(len(losses[-5:]), 1) if losses else float("nan")
         print(f"done: step {step}/{total_steps}, loss {first:.4f} -> {last:.4f} (first/last 5 steps of this "
-              f"session), {elapsed / 60:.1f} min, {skipped_images} unreadable images skipped, {bad_steps} steps "
+              f"session), {elapsed / 60:.1f} min, {skipped_images} unreadable images replaced, {bad_steps} steps "
               f"skipped; checkpoint {ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
@@ -640,19 +673,18 @@ def augment_views(crops, gen, per_rank):
     """uint8 crops of every view (B, 3, s, s) -> photometrically augmented, normalised float crops, on their device
     (data.augment_batch). The parameters are drawn for the full global batch (per_rank images per rank) from the
     shared generator and each rank keeps its slice, as with the references: N ranks augment their images as one
-    process would, and a batch that lost some unreadable images draws as many numbers as a full one (its images
-    take the first parameters of the slice)."""
+    process would."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     out = []
     for view in crops:
         params = photometric_params(per_rank * world, gen)
-        out.append(augment_batch(view, {key: rank_slice(value, per_rank)[:len(view)] for key, value in params.items()}))
+        out.append(augment_batch(view, {key: rank_slice(value, per_rank) for key, value in params.items()}))
     return out
 
 
 def teacher_maps(teacher, queue, gen, crops, ncfg, autocast):
     """The teacher's maps of the 2 global crops; in queue mode this step's teacher patches are pushed before the
-    references are drawn (method.md)."""
+    references are drawn, as in the public code."""
     with torch.no_grad(), autocast:
         maps_t = teacher(crops[:2])  # 2 x (B, h, w, out): the teacher sees the global crops only
     if ncfg["references"] == "queue":
@@ -674,7 +706,16 @@ def all_ranks_finite(loss):
 
 
 def update(student, teacher, optimizer, finite, momentum, clip_grad):
-    """AdamW step of the student and EMA of the teacher, both skipped when `finite` (a device bool) is False."""
+    """EMA of the teacher towards the student as it was before this step (the public code updates the teacher in
+    its training step, which runs before the optimizer step), then the AdamW step of the student; both skipped when
+    `finite` (a device bool) is False."""
+    # teacher = m * teacher + (1 - m) * student, as teacher += w * (student - teacher) with w = 0 on a skipped step
+    # (w stays on the device; three multi-tensor kernels)
+    weight = (1.0 - momentum) * finite.float()
+    t_params = list(teacher.parameters())
+    delta = torch._foreach_sub([p.detach() for p in student.parameters()], t_params)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(t_params, delta)
     if clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad, foreach=True)
     if optimizer.defaults.get("fused"):
@@ -683,13 +724,6 @@ def update(student, teacher, optimizer, finite, momentum, clip_grad):
         optimizer.step()
     elif finite.item():  # unfused optimizer: decide on the host
         optimizer.step()
-    # teacher = m * teacher + (1 - m) * student, as teacher += w * (student - teacher) with w = 0 on a skipped step
-    # (w stays on the device; three multi-tensor kernels)
-    weight = (1.0 - momentum) * finite.float()
-    t_params = list(teacher.parameters())
-    delta = torch._foreach_sub([p.detach() for p in student.parameters()], t_params)
-    torch._foreach_mul_(delta, weight)
-    torch._foreach_add_(t_params, delta)
 
 
 def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
