@@ -193,16 +193,10 @@ def build_models(cfg):
     draw (model.teacher_head: random, as the public run) or a copy of the student's (copy). The teacher never gets
     gradients; only the student has stochastic depth. Both resize pos_embed by model.pos_embed_rule."""
     m = cfg["model"]
-
-    def backbone(weights, drop_path_rate):
-        return build_backbone(m["arch"], weights, m["num_register_tokens"], drop_path_rate, m["pos_embed_rule"])
-
-    def head(dim):
-        return ProjectionHead(dim, m["head_hidden"], m["head_out"], m["head_layers"])
-
-    student_backbone, teacher_backbone = backbone(m["weights"], m["drop_path_rate"]), backbone(None, 0.0)
-    student = NeCoModel(student_backbone, head(student_backbone.embed_dim))
-    teacher = NeCoModel(teacher_backbone, head(student_backbone.embed_dim))  # drawn after the student's head
+    backbones = [build_backbone(m["arch"], weights, m["num_register_tokens"], rate, m["pos_embed_rule"])
+                 for weights, rate in ((m["weights"], m["drop_path_rate"]), (None, 0.0))]
+    student, teacher = [NeCoModel(b, ProjectionHead(b.embed_dim, m["head_hidden"], m["head_out"], m["head_layers"]))
+                        for b in backbones]  # the teacher's head is drawn after the student's
     teacher.backbone.load_state_dict(student.backbone.state_dict())
     if m["teacher_head"] == "copy":
         teacher.head.load_state_dict(student.head.state_dict())
