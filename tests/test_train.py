@@ -606,8 +606,8 @@ def test_an_unreadable_image_is_replaced_in_one_and_in_two_processes(tmp_path, s
 def test_a_folder_without_readable_images_stops_with_one_line(tmp_path):
     for i in range(3):
         (tmp_path / f"bad{i}.jpg").write_bytes(b"not an image")
-    res = run_cli("--config", str(ROOT / "config.yaml"), "--set", f"data.root={tmp_path}", f"out_dir={tmp_path / 'run'}",
-                  "model.arch=vit_tiny14_reg", "model.weights=null", "data.num_workers=0", "data.global_size=56",
+    res = run_cli("--config", str(ROOT / "config.yaml"), "--set", f"data.root={tmp_path}",
+                  f"out_dir={tmp_path / 'run'}", "model.arch=vit_tiny14_reg", "model.weights=null", "data.num_workers=0", "data.global_size=56",
                   "data.local_size=28", "optim.batch_size=2", "train.device=cpu", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
