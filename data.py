@@ -10,7 +10,9 @@ Data for NeCo.
 
 Box convention everywhere: xyxy in continuous pixel coordinates, pixel column j spans [j, j + 1], so a crop of the
 columns j..j+w-1 has x1 = j, x2 = j + w. Feature maps follow the same rule in patch units (cell i spans [i, i + 1]),
-which is the convention of torchvision.ops.roi_align with aligned=True.
+which is the convention of torchvision.ops.roi_align with aligned=True. Training samples it adaptively, as the public
+run did (ceil(bin side) points per bin side), so the two crops of a pair may be sampled at different numbers of
+points over the same region (crop_intersection_rois).
 """
 import hashlib
 import json
@@ -80,7 +82,7 @@ def box_overlap(a, b):
     return max(w, 0.0) * max(h, 0.0)
 
 
-# the photometric augmentation of the reference run, drawn independently for every crop (method.md)
+# the photometric augmentation of the reference run, drawn independently for every crop
 JITTER, JITTER_P = (0.8, 0.8, 0.8, 0.2), 0.8  # ColorJitter(brightness, contrast, saturation, hue), applied with p
 GREY_P = 0.2  # RandomGrayscale
 BLUR_SIGMA, BLUR_P = (0.1, 2.0), 0.5  # GaussianBlur
@@ -95,19 +97,20 @@ class MultiCrop:
     (2 + n_local, 4), xyxy in original-image pixels. No flips: a flip would break the box correspondence. All
     randomness comes from torch's global RNG, so seeding torch makes it reproducible.
 
-    Overlap constraint (method.md): the second global crop must overlap the first by more than min_overlap[0] of the
-    image area, and every local crop must overlap the first global crop by more than min_overlap[0] and the second by
-    more than min_overlap[1]. A crop is resampled until it does, at most max_tries times; after that (only images with
-    extreme aspect ratios get there) the second global crop takes the first one's box and a local crop takes the
-    intersection of the two global boxes, so the intersections stay as large as they can be and never empty.
+    Overlap constraint, as the public NeCo code: with m = int(min_overlap * image area in pixels), the second global
+    crop must overlap the first by more than 2 m pixels, and every local crop must overlap each of the two global
+    crops by more than m. A crop is redrawn until it does. The public code redraws without limit (an image where the
+    constraint cannot be met, e.g. 10 x 3000 px, hangs it); here after max_tries draws the second global crop takes
+    the first one's box and a local crop the intersection of the two global boxes, so the intersections stay as large
+    as they can be and never empty.
     """
 
     def __init__(self, global_size=518, local_size=98, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), n_local=4,
-                 min_overlap=(0.01, 0.02), photometric=True, max_tries=100, on_device=False):
+                 min_overlap=0.01, photometric=True, max_tries=100, on_device=False):
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         # on_device: crops stay uint8, not augmented or normalised; augment_batch does that on the training device
         self.on_device = on_device
-        self.min_overlap, self.max_tries = tuple(min_overlap), max_tries
+        self.min_overlap, self.max_tries = min_overlap, max_tries
         # only the parameter sampling of RandomResizedCrop is used (make_params); the crop itself is resized_crop
         self.global_rrc = v2.RandomResizedCrop(global_size, scale=tuple(global_scale))
         self.local_rrc = v2.RandomResizedCrop(local_size, scale=tuple(local_scale))
@@ -122,20 +125,20 @@ class MultiCrop:
         p = rrc.make_params([img])  # top, left, height, width (integers)
         return (float(p["left"]), float(p["top"]), float(p["left"] + p["width"]), float(p["top"] + p["height"]))
 
-    def _sample_overlapping(self, rrc, img, anchors, fallback):
-        area = img.shape[-2] * img.shape[-1]
+    def _sample_overlapping(self, rrc, img, anchors, min_pixels, fallback):
         for _ in range(self.max_tries):
             box = self._sample(rrc, img)
-            if all(box_overlap(box, a) > f * area for a, f in zip(anchors, self.min_overlap)):
+            if all(box_overlap(box, a) > min_pixels for a in anchors):
                 return box
         return fallback
 
     def sample_boxes(self, img):
         """Boxes of all crops, float32 (2 + n_local, 4) xyxy in pixels of img (3, H, W), constraint applied."""
+        m = int(img.shape[-2] * img.shape[-1] * self.min_overlap)  # pixels, truncated as the public code does
         g1 = self._sample(self.global_rrc, img)
-        g2 = self._sample_overlapping(self.global_rrc, img, [g1], fallback=g1)
+        g2 = self._sample_overlapping(self.global_rrc, img, [g1], 2 * m, fallback=g1)
         both = (max(g1[0], g2[0]), max(g1[1], g2[1]), min(g1[2], g2[2]), min(g1[3], g2[3]))
-        boxes = [g1, g2] + [self._sample_overlapping(self.local_rrc, img, [g1, g2], fallback=both)
+        boxes = [g1, g2] + [self._sample_overlapping(self.local_rrc, img, [g1, g2], m, fallback=both)
                             for _ in range(self.n_local)]
         return torch.tensor(boxes, dtype=torch.float32)
 
@@ -261,32 +264,33 @@ def augment_batch(crops, params):
     return x
 
 
-def crop_intersection_rois(box_g, box_v, grid_g, grid_v):
+def crop_intersection_rois(box_g, box_v, grid_g, grid_v, patch_size=14):
     """Intersection of crops g and v as RoI boxes in each crop's feature-map coordinates (patch units).
 
     box_g, box_v: (B, 4) xyxy in original-image pixels; grid_g, grid_v: the square feature-map side of each crop in
-    patches (e.g. 37 and 7). A crop of width w resized onto `grid` cells maps original x to (x - x1) * grid / w.
-    Returns (roi_g, roi_v), each (B, 4), for
+    patches (e.g. 37 and 7). Returns (roi_g, roi_v), each (B, 4), for
         roi_align(feat, torch.cat([torch.arange(B)[:, None], roi], 1), output_size=7, spatial_scale=1.0,
-                  sampling_ratio=2, aligned=True)
-    With a fixed sampling_ratio the sample points sit at the same relative positions in both boxes, hence at the
-    same physical points of the image (the adaptive default, -1, would pick a different number of points per bin in
-    the two maps). sampling_ratio=2 is what the tests check. An empty intersection (prevented by MultiCrop's overlap
-    constraint) gives a zero-size box.
+                  sampling_ratio=-1, aligned=True)
+    roi_align's adaptive sampling (-1, the public run's) takes ceil(bin side) bilinear samples per bin side, so the
+    two maps of a pair may take different sample counts (a 98 px crop's 7x7 bins 1 each, the same region on a 518 px
+    crop's map mostly 2-4): that is how the public run compared them. The counts depend on the last bit of a box
+    side (7.0 gives 1 sample, 7.0000005 gives 2), so the boxes are computed by the public code's float32 arithmetic.
+    An empty intersection (prevented by MultiCrop's overlap constraint) gives a zero-size box.
     """
     x1 = torch.maximum(box_g[:, 0], box_v[:, 0])
     y1 = torch.maximum(box_g[:, 1], box_v[:, 1])
     x2 = torch.maximum(torch.minimum(box_g[:, 2], box_v[:, 2]), x1)
     y2 = torch.maximum(torch.minimum(box_g[:, 3], box_v[:, 3]), y1)
     inter = torch.stack([x1, y1, x2, y2], dim=1)  # (B, 4) original pixels
-    return _to_feature_grid(inter, box_g, grid_g), _to_feature_grid(inter, box_v, grid_v)
+    return _to_feature_grid(inter, box_g, grid_g, patch_size), _to_feature_grid(inter, box_v, grid_v, patch_size)
 
 
-def _to_feature_grid(boxes, crop, grid):
-    sx = grid / (crop[:, 2] - crop[:, 0])  # (B,) cells per original pixel
-    sy = grid / (crop[:, 3] - crop[:, 1])
-    return torch.stack([(boxes[:, 0] - crop[:, 0]) * sx, (boxes[:, 1] - crop[:, 1]) * sy,
-                        (boxes[:, 2] - crop[:, 0]) * sx, (boxes[:, 3] - crop[:, 1]) * sy], dim=1)  # (B, 4)
+def _to_feature_grid(boxes, crop, grid, patch_size):
+    """Original pixels -> patch units of a crop resized to grid * patch_size pixels, in the public code's order of
+    operations: crop side in pixels * ((x - crop x1) / crop width), then / patch size."""
+    x1y1, wh = crop[:, None, :2], (crop[:, 2:] - crop[:, :2])[:, None]  # (B, 1, 2) each
+    corners = boxes.view(-1, 2, 2)  # (B, 2 corners, xy)
+    return (grid * patch_size * ((corners - x1y1) / wh) / patch_size).flatten(1)  # (B, 4)
 
 
 # -----------------------------------------------------------------------------
@@ -309,19 +313,24 @@ def list_images(root):
     return sorted(files)
 
 
-def sample_seed(seed, epoch, index):
-    """A 63-bit seed that depends only on (seed, epoch, index): stable across processes and worker counts."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+def sample_seed(*parts):
+    """A 63-bit seed that depends only on (seed, epoch, index[, attempt]): stable across processes and worker counts."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
+READ_ATTEMPTS = 20  # an unreadable image is replaced at most this many times in a row before the loop gives up
+
+
 class TrainImages(torch.utils.data.Dataset):
-    """Unlabeled images under root (searched recursively) -> transform(image).
+    """Unlabeled images under root (searched recursively) -> (transform(image), number of unreadable files met).
 
     Each item is augmented under its own RNG seed derived from (seed, epoch, index), so a sample's crops do not
     depend on the number of workers or on the order of loading: this is what makes a resumed run exact. An image
-    that cannot be read is skipped: one warning line naming the file, and the item is None (collate_multicrop counts
-    it).
+    that cannot be read (one warning line naming the file) is replaced by another image of the folder chosen from
+    (seed, epoch, index, attempt), cropped under the seed of the index it replaces: batches keep their size, and one
+    process draws the same replacements as N processes. After READ_ATTEMPTS unreadable files in a row the item is
+    (None, READ_ATTEMPTS), and the training loop stops with an error.
     """
 
     def __init__(self, root, transform, seed=0):
@@ -341,27 +350,29 @@ class TrainImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        path = self.files[i]
-        try:
-            img = read_image(path)
-        except (RuntimeError, ValueError, OSError) as e:
-            print(f"warning: skipping unreadable image {path} ({e})", file=sys.stderr, flush=True)
-            return None
-        with torch.random.fork_rng(devices=[]):
-            # seed only the CPU generator: torch.manual_seed would also (lazily) reseed CUDA in the main process
-            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
-            return self.transform(img) if self.transform is not None else img
+        for attempt in range(READ_ATTEMPTS):
+            j = i if attempt == 0 else sample_seed(self.seed, self.epoch, i, attempt) % len(self.files)
+            try:
+                img = read_image(self.files[j])
+            except (RuntimeError, ValueError, OSError) as e:
+                print(f"warning: skipping unreadable image {self.files[j]} ({e})", file=sys.stderr, flush=True)
+                continue
+            with torch.random.fork_rng(devices=[]):
+                # seed only the CPU generator: torch.manual_seed would also (lazily) reseed CUDA in the main process
+                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
+                return (self.transform(img) if self.transform is not None else img), attempt
+        return None, READ_ATTEMPTS
 
 
 def collate_multicrop(batch):
-    """[(crops, boxes) or None] -> (crops: list of (B, 3, s, s) per view, boxes (B, V, 4), n_skipped)."""
-    items = [b for b in batch if b is not None]
-    n_skipped = len(batch) - len(items)
-    if not items:
-        return None, None, n_skipped
-    crops = [torch.stack([item[0][v] for item in items]) for v in range(len(items[0][0]))]
-    boxes = torch.stack([item[1] for item in items])  # (B, V, 4)
-    return crops, boxes, n_skipped
+    """[((crops, boxes) or None, n_unreadable)] -> (crops: list of (B, 3, s, s) per view, boxes (B, V, 4),
+    n_unreadable summed); crops and boxes are None when an item found no readable image."""
+    n_unreadable = sum(n for _, n in batch)
+    if any(sample is None for sample, _ in batch):
+        return None, None, n_unreadable
+    crops = [torch.stack([sample[0][v] for sample, _ in batch]) for v in range(len(batch[0][0][0]))]
+    boxes = torch.stack([sample[1] for sample, _ in batch])  # (B, V, 4)
+    return crops, boxes, n_unreadable
 
 
 # -----------------------------------------------------------------------------

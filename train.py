@@ -31,8 +31,8 @@ import yaml
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
-from data import (MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois, make_synthetic_voc,
-                  photometric_params)
+from data import (READ_ATTEMPTS, MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois,
+                  make_synthetic_voc, photometric_params)
 from model import BACKBONE_NAMES, ProjectionHead, build_backbone
 from sort import diff_sort
 
@@ -167,6 +167,7 @@ POSITIVE = "a number > 0", lambda v: _num(v) and v > 0
 NON_NEGATIVE = "a number >= 0", lambda v: _num(v) and v >= 0
 FRACTION = "a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1
 BELOW_ONE = "a number in [0, 1)", lambda v: _num(v) and 0 <= v < 1
+HALF = "a number in [0, 0.5)", lambda v: _num(v) and 0 <= v < 0.5  # the second global crop needs twice it
 BELOW_ONE_PAIR = "two numbers in [0, 1)", _pair(BELOW_ONE[1])
 SCALE = "[lo, hi] with 0 < lo <= hi <= 1", lambda v: _pair(lambda x: _num(x) and 0 < x <= 1)(v) and v[0] <= v[1]
 FLAG = "true or false", lambda v: isinstance(v, bool)
@@ -179,8 +180,9 @@ CONFIG_RULES = {
     "model.arch": one_of(*BACKBONE_NAMES), "model.weights": ("hub, a file or null", lambda v: v is None or TEXT[1](v)),
     "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.head_hidden": POSITIVE_INT,
     "model.head_out": POSITIVE_INT, "model.head_layers": POSITIVE_INT,
+    "model.pos_embed_rule": one_of("neco", "dinov2"), "model.teacher_head": one_of("random", "copy"),
     "data.root": TEXT, "data.global_size": PATCHES, "data.global_scale": SCALE, "data.local_size": PATCHES,
-    "data.local_scale": SCALE, "data.n_local": COUNT, "data.min_overlap": BELOW_ONE_PAIR, "data.num_workers": COUNT,
+    "data.local_scale": SCALE, "data.n_local": COUNT, "data.min_overlap": HALF, "data.num_workers": COUNT,
     "data.augment_on_device": FLAG,
     "neco.roi_size": POSITIVE_INT, "neco.references": one_of("queue", "batch"), "neco.queue_size": POSITIVE_INT,
     "neco.num_references": POSITIVE_INT,
@@ -219,8 +221,9 @@ def validate_config(cfg, demo=False):
     if n["references"] == "batch" and n["num_references"] > n["roi_size"] ** 2:
         raise ConfigError("config key 'neco.num_references' must be <= neco.roi_size^2 in batch mode")
     try:  # the sort's own argument checks, on a tiny input
-        diff_sort(torch.zeros(1, n["num_references"]), n["sort_network"], n["sort_steepness"],
-                  n["sort_distribution"], n["sort_art_lambda"])
+        for steepness in (n["student_steepness"], n["teacher_steepness"]):
+            diff_sort(torch.zeros(1, n["num_references"]), n["sort_network"], steepness, n["sort_distribution"],
+                      n["sort_art_lambda"])
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config section 'neco': {e}")
     root = Path(d["root"])
@@ -260,16 +263,17 @@ class NeCoModel(nn.Module):
 
 
 def build_models(cfg):
-    """Student and teacher start from the same weights; the teacher (backbone and head) is an exact copy that never
-    gets gradients. Only the student has stochastic depth."""
+    """Student and teacher start from the same backbone weights; the teacher's projection head is its own random
+    draw (model.teacher_head: random, as the public run) or a copy of the student's (copy). The teacher never gets
+    gradients; only the student has stochastic depth. Both resize pos_embed by model.pos_embed_rule."""
     m = cfg["model"]
-    student_backbone = build_backbone(m["arch"], m["weights"], m["num_register_tokens"], m["drop_path_rate"])
-    teacher_backbone = build_backbone(m["arch"], None, m["num_register_tokens"], 0.0)
-    head = ProjectionHead(student_backbone.embed_dim, m["head_hidden"], m["head_out"], m["head_layers"])
-    student = NeCoModel(student_backbone, head)
-    teacher = NeCoModel(teacher_backbone, ProjectionHead(student_backbone.embed_dim, m["head_hidden"],
-                                                         m["head_out"], m["head_layers"]))
-    teacher.load_state_dict(student.state_dict())
+    backbones = [build_backbone(m["arch"], weights, m["num_register_tokens"], rate, m["pos_embed_rule"])
+                 for weights, rate in ((m["weights"], m["drop_path_rate"]), (None, 0.0))]
+    student, teacher = [NeCoModel(b, ProjectionHead(b.embed_dim, m["head_hidden"], m["head_out"], m["head_layers"]))
+                        for b in backbones]  # the teacher's head is drawn after the student's
+    teacher.backbone.load_state_dict(student.backbone.state_dict())
+    if m["teacher_head"] == "copy":
+        teacher.head.load_state_dict(student.head.state_dict())
     teacher.requires_grad_(False)
     # DINOv2's mask_token is only used by iBOT masking, never here: a parameter without a gradient would stall
     # DistributedDataParallel's gradient buckets, so it stays frozen (and unchanged in the checkpoint)
@@ -297,19 +301,20 @@ def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
     return q_t.flatten(2).transpose(1, 2), q_s.flatten(2).transpose(1, 2)  # (B, r*r, out)
 
 
-ROI_SAMPLING = 2  # bilinear samples per output cell side in roi_align (data.py's correspondence test uses the same)
+ROI_SAMPLING = -1  # roi_align's adaptive default, as the public run: ceil(bin side) samples per bin side
 
 
 def sort_cross_entropy(sim_s, sim_t, ncfg):
-    """sim_*: (R, n) similarities of R queries to n references. Sort both; cross-entropy of the student's relaxed
-    permutation matrices against the teacher's, summed over ranks, averaged over queries and references."""
+    """sim_*: (R, n) similarities of R queries to n references. Sort both, each with its network's steepness;
+    cross-entropy of the student's relaxed permutation matrices against the teacher's, summed over ranks, averaged
+    over queries and references."""
     # check_finite=False: no host sync for a NaN check; non-finite similarities give a non-finite loss, and
     # train_step skips that step on the device
-    kw = dict(network=ncfg["sort_network"], steepness=ncfg["sort_steepness"],
-              distribution=ncfg["sort_distribution"], art_lambda=ncfg["sort_art_lambda"], check_finite=False)
+    kw = dict(network=ncfg["sort_network"], distribution=ncfg["sort_distribution"],
+              art_lambda=ncfg["sort_art_lambda"], check_finite=False)
     with torch.no_grad():
-        _, P_t = diff_sort(sim_t, **kw)  # (R, n, n)
-    _, P_s = diff_sort(sim_s, **kw)
+        _, P_t = diff_sort(sim_t, steepness=ncfg["teacher_steepness"], **kw)  # (R, n, n)
+    _, P_s = diff_sort(sim_s, steepness=ncfg["student_steepness"], **kw)
     # P can hold exact zeros (logistic at high steepness underflows); clamping at the smallest normal float keeps
     # log finite and leaves every entry that is not already denormal unchanged.
     log_P_s = torch.log(P_s.clamp_min(torch.finfo(P_s.dtype).tiny))
@@ -362,9 +367,17 @@ class PatchQueue:
         self.ptr[g] = (self.ptr[g] + count) % size
         self.filled[g] = min(self.filled[g] + count, size)
 
-    def sample(self, g, shape, gen):
-        idx = torch.randint(0, self.filled[g], shape, generator=gen, device=gen.device).to(self.feats.device)
-        return self.feats[g, idx]
+    def sample(self, g, rows, n, gen):
+        """(rows, n, dim): n distinct filled rows of queue g for each of `rows` images. When the queue holds enough
+        rows, they are distinct over the whole draw, as in the public code once its queue is full; while it fills,
+        distinct within each image (a queue with fewer than n rows repeats them). The counts are host ints: no sync."""
+        filled = self.filled[g]
+        if rows * n <= filled:
+            idx = torch.randperm(filled, generator=gen, device=gen.device)[:rows * n].view(rows, n)
+        else:  # one random key per row and image, sorted: a permutation of the filled rows per image
+            idx = torch.rand(rows, filled, generator=gen, device=gen.device).argsort(dim=1)
+            idx = idx.repeat(1, -(-n // filled))[:, :n]
+        return self.feats[g, idx.to(self.feats.device)]
 
     def state_dict(self):
         return {"feats": self.feats.cpu(), "ptr": list(self.ptr), "filled": list(self.filled)}
@@ -383,6 +396,15 @@ def all_gather_cat(x):
     return torch.cat(parts)
 
 
+def sum_over_ranks(counts, device):
+    """Host ints of this rank -> their elementwise sums over the ranks (one all_reduce; unchanged in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    total = torch.tensor(counts, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 def rank_slice(x, B):
     """This rank's rows of a tensor drawn for the whole (global) batch: every rank draws the same random numbers
     from the shared generator and keeps its part, so N ranks reproduce the single-process step exactly."""
@@ -395,7 +417,7 @@ def make_reference_sampler(ncfg, queue, gen, B):
 
     def from_queue(g, q_t):
         global_B = B * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
-        return rank_slice(queue.sample(g, (global_B, n_ref), gen), B)  # (B, n_ref, out)
+        return rank_slice(queue.sample(g, global_B, n_ref, gen), B)  # (B, n_ref, out)
 
     def from_batch(g, q_t):
         pool = all_gather_cat(q_t.detach()).flatten(0, 1)  # (global_B * Q, out): mostly other images' patches
@@ -701,7 +723,7 @@ def run_training(cfg, demo, rank, world, stop):
     if demo:  # the synthetic scenes of data.py, in data/synthetic/ (rewritten unless a previous call completed)
         make_synthetic_voc()
     transform = MultiCrop(d["global_size"], d["local_size"], tuple(d["global_scale"]), tuple(d["local_scale"]),
-                          d["n_local"], tuple(d["min_overlap"]), on_device=d["augment_on_device"])
+                          d["n_local"], d["min_overlap"], on_device=d["augment_on_device"])
     dataset = TrainImages(d["root"], transform, seed=cfg["seed"])
     iters_per_epoch = len(dataset) // o["batch_size"]
     if iters_per_epoch == 0:
@@ -762,20 +784,22 @@ def run_training(cfg, demo, rank, world, stop):
 
     # The step never waits for the GPU: losses and "was it finite" flags stay on the device and are read once per
     # train.log_every steps, when the log lines are written.
-    pending = []  # (step, epoch, schedule values, loss tensor, finite tensor)
+    pending = []  # (step, epoch, schedule values, loss tensor, finite tensor, unreadable files met by this rank)
 
     def flush_log():
-        nonlocal bad_steps, bad_in_a_row, t_last, elapsed, kept_step, unverified
+        nonlocal bad_steps, bad_in_a_row, t_last, elapsed, kept_step, unverified, skipped_images
         if not pending:
             return
         values = torch.stack([torch.stack([p[3].float(), p[4].float()]) for p in pending]).tolist()
+        unreadable = sum_over_ranks([p[5] for p in pending], device)
         now = time.time()
         img_per_s = len(pending) * o["batch_size"] / max(now - t_last, 1e-9)
         elapsed += now - t_last
         t_last = now
         verified = False
         try:
-            for (s, epoch, sched, _, _), (loss, finite) in zip(pending, values):
+            for (s, epoch, sched, *_), (loss, finite), n_unreadable in zip(pending, values, unreadable):
+                skipped_images += n_unreadable
                 if finite:
                     bad_in_a_row = 0
                     losses.append(loss)
@@ -807,9 +831,8 @@ def run_training(cfg, demo, rank, world, stop):
             if is_main:
                 ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)
             kept = (f"{ckpt_path} keeps step {kept_step}" if kept_step is not None else "no checkpoint was kept")
-            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or no readable image "
-                                  f"(step {step}); {kept}: re-run with a lower optim.lr_backbone (and lr_head), "
-                                  f"or check data.root")
+            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss (step {step}); {kept}: "
+                                  f"re-run with a lower optim.lr_backbone (and lr_head)")
 
     bar = tqdm(total=stop_step, initial=step, disable=not is_main, dynamic_ncols=True, desc="neco")
     log = open(log_path, "a") if is_main else None
@@ -821,24 +844,27 @@ def run_training(cfg, demo, rank, world, stop):
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(dataset), o["batch_size"], epoch, cfg["seed"], start, rank, world)
         batches = batches[:stop_step - step]
-        for crops, boxes, n_skipped in make_loader(dataset, batches, cfg, device):
-            skipped_images += n_skipped
+        for crops, boxes, n_unreadable in make_loader(dataset, batches, cfg, device):
+            if crops is None:  # READ_ATTEMPTS unreadable files in a row: the folder is gone or holds no images
+                if world == 1:  # (under torchrun the other ranks wait in a collective: no checkpoint there)
+                    flush_log()
+                    checkpoint(commit=True)
+                bar.close()
+                raise ConfigError(f"data.root '{d['root']}': {READ_ATTEMPTS} image files in a row could not be "
+                                  f"read (the warnings above name them); check the folder, then re-run")
             sched = schedules(cfg, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * sched["lr_scale"]
                 if group["apply_wd"]:
                     group["weight_decay"] = sched["wd"]
-            if crops is None:  # no readable image in this batch: counts as a bad step
-                loss, finite = torch.tensor(float("nan"), device=device), torch.tensor(False, device=device)
-            else:
-                crops = [c.to(device, non_blocking=True) for c in crops]
-                boxes = boxes.to(device, non_blocking=True)
-                if d["augment_on_device"]:
-                    crops = augment_views(crops, gen, o["batch_size"] // world)
-                loss, finite = train_step(model, student, teacher, optimizer, queue, gen, crops, boxes,
-                                          refs_for_pair, cfg, autocast, sched["momentum"])
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            boxes = boxes.to(device, non_blocking=True)
+            if d["augment_on_device"]:
+                crops = augment_views(crops, gen, o["batch_size"] // world)
+            loss, finite = train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair,
+                                      cfg, autocast, sched["momentum"])
             step += 1
-            pending.append((step, epoch, sched, loss, finite))
+            pending.append((step, epoch, sched, loss, finite, n_unreadable))
             bar.update(1)
             # losses are read at log points, at checkpoints and one step after each (which verifies last.pt.tmp);
             # under torchrun the ranks agree on a signal there, every step in a single process
@@ -860,7 +886,7 @@ def run_training(cfg, demo, rank, world, stop):
         first = sum(losses[:5]) / max(len(losses[:5]), 1) if losses else float("nan")
         last = sum(losses[-5:]) / max(len(losses[-5:]), 1) if losses else float("nan")
         print(f"done: step {step}/{total_steps}, loss {first:.4f} -> {last:.4f} (first/last 5 steps of this "
-              f"session), {elapsed / 60:.1f} min, {skipped_images} unreadable images skipped, {bad_steps} steps "
+              f"session), {elapsed / 60:.1f} min, {skipped_images} unreadable images replaced, {bad_steps} steps "
               f"skipped; checkpoint {ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
@@ -871,19 +897,18 @@ def augment_views(crops, gen, per_rank):
     """uint8 crops of every view (B, 3, s, s) -> photometrically augmented, normalised float crops, on their device
     (data.augment_batch). The parameters are drawn for the full global batch (per_rank images per rank) from the
     shared generator and each rank keeps its slice, as with the references: N ranks augment their images as one
-    process would, and a batch that lost some unreadable images draws as many numbers as a full one (its images
-    take the first parameters of the slice)."""
+    process would."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     out = []
     for view in crops:
         params = photometric_params(per_rank * world, gen)
-        out.append(augment_batch(view, {key: rank_slice(value, per_rank)[:len(view)] for key, value in params.items()}))
+        out.append(augment_batch(view, {key: rank_slice(value, per_rank) for key, value in params.items()}))
     return out
 
 
 def teacher_maps(teacher, queue, gen, crops, ncfg, autocast):
     """The teacher's maps of the 2 global crops; in queue mode this step's teacher patches are pushed before the
-    references are drawn (method.md)."""
+    references are drawn, as in the public code."""
     with torch.no_grad(), autocast:
         maps_t = teacher(crops[:2])  # 2 x (B, h, w, out): the teacher sees the global crops only
     if ncfg["references"] == "queue":
@@ -905,7 +930,16 @@ def all_ranks_finite(loss):
 
 
 def update(student, teacher, optimizer, finite, momentum, clip_grad):
-    """AdamW step of the student and EMA of the teacher, both skipped when `finite` (a device bool) is False."""
+    """EMA of the teacher towards the student as it was before this step (the public code updates the teacher in
+    its training step, which runs before the optimizer step), then the AdamW step of the student; both skipped when
+    `finite` (a device bool) is False."""
+    # teacher = m * teacher + (1 - m) * student, as teacher += w * (student - teacher) with w = 0 on a skipped step
+    # (w stays on the device; three multi-tensor kernels)
+    weight = (1.0 - momentum) * finite.float()
+    t_params = list(teacher.parameters())
+    delta = torch._foreach_sub([p.detach() for p in student.parameters()], t_params)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(t_params, delta)
     if clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad, foreach=True)
     if optimizer.defaults.get("fused"):
@@ -914,13 +948,6 @@ def update(student, teacher, optimizer, finite, momentum, clip_grad):
         optimizer.step()
     elif finite.item():  # unfused optimizer: decide on the host
         optimizer.step()
-    # teacher = m * teacher + (1 - m) * student, as teacher += w * (student - teacher) with w = 0 on a skipped step
-    # (w stays on the device; three multi-tensor kernels)
-    weight = (1.0 - momentum) * finite.float()
-    t_params = list(teacher.parameters())
-    delta = torch._foreach_sub([p.detach() for p in student.parameters()], t_params)
-    torch._foreach_mul_(delta, weight)
-    torch._foreach_add_(t_params, delta)
 
 
 def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,

@@ -209,6 +209,27 @@ def test_pos_embed_rules_differ_most_at_the_local_crop_grid():
         vit.set_pos_embed_rule("bicubic")
 
 
+def test_forward_at_98_px_with_necos_rule_is_the_offset_bicubic(monkeypatch):
+    """NeCo's rule, as the public NeCo ViT computes it: the 37x37 grid in float32, resized by the scale factors
+    ((7 + 0.1) / 37) for H then W, bicubic without antialias. A 98 px forward with the rule equals the forward with
+    that embedding computed by hand in float64."""
+    vit = tiny("vit_tiny14_reg").set_pos_embed_rule("neco")
+    x = torch.randn(2, 3, 98, 98, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = vit.forward_features(x)["x_norm_patchtokens"]
+        pos = vit.pos_embed.detach().double()
+        M = bicubic_matrix_scale_factor(37, 7.1 / 37)  # (7, 37)
+        patches = torch.einsum("ia,abd,jb->ijd", M, pos[0, 1:].reshape(37, 37, 192), M).reshape(1, 49, 192)
+        by_hand = torch.cat((pos[:, :1], patches), dim=1)
+        monkeypatch.setattr(vit, "interpolate_pos_embed", lambda gh, gw, dtype: by_hand.to(dtype))
+        expected = vit.forward_features(x)["x_norm_patchtokens"]
+        vit.set_pos_embed_rule("dinov2")
+        monkeypatch.undo()
+        release = vit.forward_features(x)["x_norm_patchtokens"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (release - got).abs().max() > 1e-2  # the register release's own rule (antialias) gives other features
+
+
 def test_token_order_registers_get_no_position():
     vit = tiny()
     x = torch.randn(2, 3, 56, 42)

