@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import data
 import model
-from train import ConfigError, dotted_items, flatten_sets, load_config, parse_set, set_key
+from train import ConfigError, flatten_sets, load_config, parse_set, pick_device, validate
 
 # task -> (protocol family, dataset name of data.make_segmentation_dataset)
 TASKS = {"voc_incontext": ("incontext", "voc"), "ade_incontext": ("incontext", "ade20k"),
@@ -727,56 +727,14 @@ def save_vis(samples, path, num_classes, ignore_index):
 
 
 def eval_config(config_path, sets, demo):
-    """The eval section of config.yaml, with eval.demo applied (demo) and then the --set pairs (eval.* only)."""
-    cfg = load_config(config_path)
-    if not isinstance(cfg.get("eval"), dict):
-        raise ConfigError(f"config file '{config_path}' has no eval section")
-    demo_section = cfg["eval"].pop("demo", None) or {}
-    if demo:
-        for key, value in dotted_items(demo_section, "eval."):
-            set_key(cfg, key, value)
+    """The eval section of config.yaml, with eval.demo applied (demo) and then the --set pairs (eval.* only),
+    checked by train.py's rules table."""
     for pair in sets:
-        key, value = parse_set(pair)
-        if not key.startswith("eval."):
-            raise ConfigError(f"--set '{key}': evaluate.py only takes eval.* keys (e.g. eval.incontext.k=10)")
-        set_key(cfg, key, value)
+        if not parse_set(pair)[0].startswith("eval."):
+            raise ConfigError(f"--set '{pair}': evaluate.py only takes eval.* keys (e.g. eval.incontext.k=10)")
+    cfg = load_config(config_path, sets, "eval.demo" if demo else None)
+    validate(cfg, "eval.")
     return cfg["eval"]
-
-
-def check_settings(family, s, ev):
-    """Refuse impossible values before anything heavy runs, naming the key."""
-    def need(ok, key, what, section=s, prefix=f"eval.{family}."):
-        if not ok:
-            raise ConfigError(f"config key '{prefix}{key}' {what}, got {section[key]!r}")
-
-    def is_int(v, low=1):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-    need(ev["device"] in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda", ev, "eval.")
-    need(ev["device"] != "cuda" or torch.cuda.is_available(), "device", "needs a visible GPU", ev, "eval.")
-    need(ev["precision"] in ("fp32", "bf16"), "precision", "must be fp32 or bf16", ev, "eval.")
-    ints = {"incontext": ("k",), "linear": ("epochs", "out_size"),
-            "cluster": ("seeds", "pca_dim", "gt_size", "redo", "max_points_per_centroid")}
-    for key in ("image_size", "batch_size", *ints[family]):
-        need(is_int(s[key]), key, "must be an integer > 0")
-    need(s["image_size"] % model.PATCH_SIZE == 0, "image_size", f"must be a multiple of {model.PATCH_SIZE}")
-    need(s["pos_embed_rule"] in ("dinov2", "neco"), "pos_embed_rule", "must be dinov2 or neco")
-    if family == "incontext":
-        need(s["protocol"] in PROTOCOLS, "protocol", f"must be one of {', '.join(PROTOCOLS)}")
-        need(s["memory_size"] is None or is_int(s["memory_size"]), "memory_size", "must be null or an integer > 0")
-        need(is_int(s["aug_epochs"], 0), "aug_epochs", "must be an integer >= 0")
-        need(s["temperature"] is None or s["temperature"] > 0, "temperature", "must be null (the protocol's) or > 0")
-        need(0 < s["fraction"] <= 1, "fraction", "must be in (0, 1]")
-        need(s["subset_file"] is None or Path(str(s["subset_file"])).expanduser().is_file(), "subset_file",
-             "must be null or an existing text file with one train image id per line")
-        need(s["subset_file"] is None or s["fraction"] == 1, "fraction",
-             "must be 1 when eval.incontext.subset_file names the subset")
-    elif family == "linear":
-        need(s["lr"] > 0, "lr", "must be > 0")
-        need(0 < s["coco_fraction"] <= 1, "coco_fraction", "must be in (0, 1]")
-    else:
-        need(is_int(s["iters"], 0), "iters", "must be an integer >= 0")
-        need(bool(s["ks"]) and all(is_int(k, 0) for k in s["ks"]), "ks", "must list cluster counts (0: #classes)")
 
 
 def resolve_data_root(dataset, ev, data_root, demo):
@@ -864,7 +822,6 @@ def run(args):
     config = Path(args.config).expanduser() if args.config else Path(__file__).with_name("config.yaml")
     ev = eval_config(config, flatten_sets(args.set), args.demo)
     s = ev[family]
-    check_settings(family, s, ev)
     if args.ckpt.startswith("hub:"):
         if args.ckpt[4:] not in model.BACKBONE_NAMES or not args.ckpt.startswith("hub:dinov2_"):
             raise UserError(f"unknown hub model '{args.ckpt[4:]}'; choose one of "
@@ -890,8 +847,7 @@ def run(args):
                               f"tokens ({len(val_set)} images), got {s['ks']}")
     backbone, about = load_backbone(args.ckpt, args.teacher)
     backbone.set_pos_embed_rule(s["pos_embed_rule"])  # per family: the resizing its reference evaluator ran with
-    device = torch.device("cuda" if ev["device"] == "auto" and torch.cuda.is_available() else
-                          "cpu" if ev["device"] == "auto" else ev["device"])
+    device = pick_device(ev["device"], "eval.device")
     backbone.to(device)
     n_vis = ev["vis_images"] if vis_path else 0
     print(f"{args.task}: {about['arch']} on {device}, {len(val_set)} val images"

@@ -111,8 +111,12 @@ def parse_set(pair):
     return key.strip(), value
 
 
-def load_config(path, sets=(), demo=False):
-    """Read the YAML config, apply the demo section (if demo) and then the --set pairs ('a.b=value')."""
+OVERRIDE_SECTIONS = ("demo", "eval.demo")  # sections of overrides, applied by name (train.py --demo, evaluate.py --demo)
+
+
+def load_config(path, sets=(), demo_section=None):
+    """Read the YAML config, remove the override sections, apply the one named demo_section ("demo", "eval.demo")
+    and then the --set pairs ('a.b=value')."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -130,9 +134,16 @@ def load_config(path, sets=(), demo=False):
         raise ConfigError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
     if not isinstance(cfg, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections")
-    demo_section = cfg.pop("demo", None) or {}
-    if demo:
-        for key, value in dotted_items(demo_section):
+    overrides = {}
+    for name in OVERRIDE_SECTIONS:
+        *parents, last = name.split(".")
+        node = cfg
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        overrides[name] = node.pop(last, None) if isinstance(node, dict) else None
+    if demo_section:
+        prefix = demo_section.rpartition(".")[0]
+        for key, value in dotted_items(overrides[demo_section] or {}, prefix + "." if prefix else ""):
             set_key(cfg, key, value)
     for pair in sets:
         set_key(cfg, *parse_set(pair))
@@ -156,6 +167,10 @@ def _pair(ok):
     return lambda v: isinstance(v, list) and len(v) == 2 and all(map(ok, v))
 
 
+def OPTIONAL(rule):
+    return rule[0] + " or null", lambda v: v is None or rule[1](v)
+
+
 def one_of(*options):
     return "one of " + ", ".join(options), lambda v: v in options
 
@@ -170,6 +185,7 @@ BELOW_ONE = "a number in [0, 1)", lambda v: _num(v) and 0 <= v < 1
 HALF = "a number in [0, 0.5)", lambda v: _num(v) and 0 <= v < 0.5  # the second global crop needs twice it
 BELOW_ONE_PAIR = "two numbers in [0, 1)", _pair(BELOW_ONE[1])
 SCALE = "[lo, hi] with 0 < lo <= hi <= 1", lambda v: _pair(lambda x: _num(x) and 0 < x <= 1)(v) and v[0] <= v[1]
+SHARE = "a number in (0, 1]", lambda v: _num(v) and 0 < v <= 1
 FLAG = "true or false", lambda v: isinstance(v, bool)
 TEXT = "a non-empty string", lambda v: isinstance(v, str) and v.strip() != ""
 
@@ -177,7 +193,7 @@ TEXT = "a non-empty string", lambda v: isinstance(v, str) and v.strip() != ""
 # sort keys are checked by diff_sort itself, below)
 CONFIG_RULES = {
     "out_dir": TEXT, "seed": COUNT,
-    "model.arch": one_of(*BACKBONE_NAMES), "model.weights": ("hub, a file or null", lambda v: v is None or TEXT[1](v)),
+    "model.arch": one_of(*BACKBONE_NAMES), "model.weights": OPTIONAL(TEXT),
     "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.head_hidden": POSITIVE_INT,
     "model.head_out": POSITIVE_INT, "model.head_layers": POSITIVE_INT,
     "model.pos_embed_rule": one_of("neco", "dinov2"), "model.teacher_head": one_of("random", "copy"),
@@ -192,8 +208,28 @@ CONFIG_RULES = {
     "optim.betas": BELOW_ONE_PAIR,
     "train.device": one_of("auto", "cpu", "cuda"), "train.precision": one_of("bf16", "fp32"),
     "train.ckpt_every": POSITIVE_INT, "train.log_every": POSITIVE_INT, "train.max_bad_steps": POSITIVE_INT,
-    "train.max_steps": ("an integer >= 0 or null", lambda v: v is None or COUNT[1](v)), "train.compile": FLAG,
+    "train.max_steps": OPTIONAL(COUNT), "train.compile": FLAG,
     "train.fused_attention": FLAG, "train.fused_adamw": FLAG, "train.grad_checkpointing": FLAG,
+    # evaluate.py
+    "eval.device": one_of("auto", "cpu", "cuda"), "eval.precision": one_of("fp32", "bf16"),
+    "eval.num_workers": COUNT, "eval.vis_images": COUNT, "eval.voc_train_split": one_of("trainaug", "train"),
+    "eval.roots.voc": TEXT, "eval.roots.ade20k": TEXT, "eval.roots.coco": TEXT,
+    "eval.incontext.protocol": one_of("hbird", "dip"), "eval.incontext.image_size": PATCHES,
+    "eval.incontext.memory_size": OPTIONAL(POSITIVE_INT), "eval.incontext.aug_epochs": COUNT,
+    "eval.incontext.k": POSITIVE_INT, "eval.incontext.temperature": OPTIONAL(POSITIVE),
+    "eval.incontext.fraction": SHARE, "eval.incontext.subset_file": OPTIONAL(TEXT), "eval.incontext.seed": COUNT,
+    "eval.incontext.batch_size": POSITIVE_INT, "eval.incontext.pos_embed_rule": one_of("dinov2", "neco"),
+    "eval.linear.image_size": PATCHES, "eval.linear.out_size": POSITIVE_INT, "eval.linear.train_aug": FLAG,
+    "eval.linear.epochs": POSITIVE_INT, "eval.linear.batch_size": POSITIVE_INT, "eval.linear.lr": POSITIVE,
+    "eval.linear.momentum": BELOW_ONE, "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.lr_step_epoch": COUNT,
+    "eval.linear.lr_gamma": POSITIVE, "eval.linear.coco_fraction": SHARE, "eval.linear.seed": COUNT,
+    "eval.linear.pos_embed_rule": one_of("dinov2", "neco"),
+    "eval.cluster.image_size": PATCHES, "eval.cluster.gt_size": POSITIVE_INT,
+    "eval.cluster.ks": ("a list of cluster counts (0: the number of classes)",
+                        lambda v: isinstance(v, list) and len(v) > 0 and all(map(COUNT[1], v))),
+    "eval.cluster.pca_dim": POSITIVE_INT, "eval.cluster.seeds": POSITIVE_INT, "eval.cluster.iters": COUNT,
+    "eval.cluster.redo": POSITIVE_INT, "eval.cluster.max_points_per_centroid": POSITIVE_INT,
+    "eval.cluster.batch_size": POSITIVE_INT, "eval.cluster.pos_embed_rule": one_of("dinov2", "neco"),
 }
 
 
@@ -207,15 +243,27 @@ def get_key(cfg, dotted):
     return node
 
 
-def validate_config(cfg, demo=False):
-    """Fail in the first second on a mistake that would otherwise surface after minutes of loading."""
+def validate(cfg, prefix="", demo=False):
+    """Fail in the first second on a mistake that would otherwise surface after minutes of loading. prefix "eval."
+    checks the evaluation keys (evaluate.py), prefix "" the training ones and how they fit together (train.py)."""
     for key, (what, ok) in CONFIG_RULES.items():
+        if key.startswith("eval.") != (prefix == "eval."):
+            continue
         value = get_key(cfg, key)
         if not ok(value):
             raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
+    if prefix == "eval.":
+        s = cfg["eval"]["incontext"]
+        if s["subset_file"] is not None and not Path(s["subset_file"]).expanduser().is_file():
+            raise ConfigError(f"config key 'eval.incontext.subset_file' names {s['subset_file']}, which is not a "
+                              f"file: give a text file with one train image id per line")
+        if s["subset_file"] is not None and s["fraction"] != 1:
+            raise ConfigError("config key 'eval.incontext.fraction' must be 1 when eval.incontext.subset_file names "
+                              "the subset")
+        pick_device(cfg["eval"]["device"], "eval.device")
+        return
     m, d, n, t = cfg["model"], cfg["data"], cfg["neco"], cfg["train"]
-    if t["device"] == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device' is cuda but no GPU is visible (use auto or cpu)")
+    pick_device(t["device"], "train.device")
     if n["references"] == "queue" and n["queue_size"] < n["num_references"]:
         raise ConfigError("config key 'neco.queue_size' must be at least neco.num_references")
     if n["references"] == "batch" and n["num_references"] > n["roi_size"] ** 2:
@@ -668,10 +716,12 @@ def make_autocast(cfg, device):
                           enabled=device.type == "cuda" and cfg["train"]["precision"] == "bf16")
 
 
-def pick_device(cfg):
-    want = cfg["train"]["device"]
+def pick_device(want, key="train.device"):
+    """auto | cpu | cuda -> the torch.device (auto: cuda when a GPU is visible)."""
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"config key '{key}' is cuda but no GPU is visible (use auto or cpu)")
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -710,7 +760,7 @@ def run_training(cfg, demo, rank, world, stop):
     o, ncfg, d = cfg["optim"], cfg["neco"], cfg["data"]
     if o["batch_size"] % world:
         raise ConfigError(f"optim.batch_size {o['batch_size']} must be divisible by the {world} processes")
-    device = pick_device(cfg)
+    device = pick_device(cfg["train"]["device"])
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
@@ -977,8 +1027,8 @@ def main(argv=None):
                    help="offline demo: tiny backbone from random weights on synthetic scenes, CPU, ~3 minutes")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, flatten_sets(args.set), demo=args.demo)
-        validate_config(cfg, demo=args.demo)
+        cfg = load_config(args.config, flatten_sets(args.set), "demo" if args.demo else None)
+        validate(cfg, demo=args.demo)
         train(cfg, demo=args.demo)
     except (ConfigError, FileNotFoundError, TrainingStopped) as e:
         print(f"error: {e}", file=sys.stderr)

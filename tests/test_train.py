@@ -915,8 +915,8 @@ def test_demo_regenerates_a_synthetic_set_cut_off_by_a_kill(tmp_path, monkeypatc
     (jpegs.parent / ".synthetic").write_text("incomplete")  # what a kill during the generation leaves: the marker
     for i in range(3):  # written first, not yet complete, some images, the last one cut
         (jpegs / f"syn_{i:05d}.jpg").write_bytes(b"\xff\xd8\xff" * (1 if i == 2 else 100))
-    cfg = train.load_config(ROOT / "config.yaml", ["train.max_steps=0"], demo=True)
-    train.validate_config(cfg, demo=True)
+    cfg = train.load_config(ROOT / "config.yaml", ["train.max_steps=0"], "demo")
+    train.validate(cfg, demo=True)
     assert train.train(cfg, demo=True) == 0
     assert len(list(jpegs.glob("*.jpg"))) == 200
     assert json.loads((jpegs.parent / ".synthetic").read_text())["n_images"] == 200
