@@ -23,7 +23,7 @@ import data  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 # -----------------------------------------------------------------------------
-# helpers: tiny files
+# tiny files and images for the tests
 
 
 def write_jpg(path, h=24, w=32, seed=0):
@@ -62,73 +62,6 @@ def smooth_image(h, w):
              torch.cos(2 * math.pi * x / 150) + 0.5 * torch.sin(2 * math.pi * y / 61)]
     img = torch.stack([(c - c.min()) / (c.max() - c.min()) for c in chans])
     return (img * 255).round().to(torch.uint8)
-
-
-# -----------------------------------------------------------------------------
-# masks: palette indices, never colours
-
-
-def test_read_mask_returns_palette_indices_not_colours(tmp_path):
-    labels = np.array([[0, 1, 2, 3], [255, 20, 3, 1]], dtype=np.uint8)
-    # a palette whose colours (and their grey values) differ from the indices
-    palette = []
-    for i in range(256):
-        palette += [(i * 37 + 11) % 256, (i * 91 + 5) % 256, (255 - i * 13) % 256]
-    path = tmp_path / "m.png"
-    write_palette_png_pil(path, labels, palette)
-    mask = data.read_mask(path)
-    assert mask.dtype == torch.int64 and mask.shape == (2, 4)
-    assert mask.tolist() == labels.tolist()
-    # the file really is a palette PNG: read as RGB it gives the palette colours
-    rgb = data.read_image(path)
-    assert rgb[:, 0, 1].tolist() == palette[3:6]
-
-
-def test_encode_palette_png_is_a_voc_palette_png(tmp_path):
-    labels = torch.tensor([[0, 1, 2, 15], [255, 20, 7, 0], [3, 3, 3, 255]], dtype=torch.uint8)
-    path = tmp_path / "v.png"
-    path.write_bytes(data.encode_palette_png(labels))
-    with Image.open(path) as im:  # independent decoder
-        assert im.mode == "P"
-        assert np.array(im).tolist() == labels.tolist()
-        pal = im.getpalette()
-    # known VOC colours: 1 aeroplane (128,0,0), 2 bicycle (0,128,0), 15 person (192,128,128), 255 void (224,224,192)
-    assert pal[3:6] == [128, 0, 0] and pal[6:9] == [0, 128, 0]
-    assert pal[45:48] == [192, 128, 128] and pal[765:768] == [224, 224, 192]
-    assert data.read_mask(path).tolist() == labels.long().tolist()
-
-
-def test_read_mask_rejects_rgb_png(tmp_path):
-    path = tmp_path / "rgb.png"
-    path.write_bytes(bytes(encode_png(torch.zeros(3, 4, 4, dtype=torch.uint8)).numpy()))
-    with pytest.raises(ValueError, match="rgb.png"):
-        data.read_mask(path)
-
-
-def test_files_whose_names_are_not_utf8_are_read(tmp_path):
-    jpg, png = non_utf8(tmp_path, b"caf\xe9_\xff.jpg"), non_utf8(tmp_path, b"m\xe4sk.png")
-    write_jpg(jpg, 12, 16, seed=3)
-    write_grey_png(png, np.arange(12).reshape(3, 4))
-    with pytest.raises(UnicodeEncodeError):
-        str(jpg).encode()  # what torchvision's read_file would need
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "plain.jpg").write_bytes(jpg.read_bytes())
-    assert torch.equal(data.read_image(jpg), data.read_image(tmp_path / "sub" / "plain.jpg"))
-    assert data.read_mask(png).tolist() == np.arange(12).reshape(3, 4).tolist()
-    ds = data.TrainImages(tmp_path, None)
-    assert jpg in ds.files and ds[ds.files.index(jpg)][0].shape == (3, 12, 16)  # read, not replaced
-
-
-def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    write_jpg(tmp_path / "imgs" / "a.jpg", 8, 8)
-    write_grey_png(tmp_path / "m.png", np.zeros((2, 2)))
-    assert data.read_image("~/imgs/a.jpg").shape == (3, 8, 8) and data.read_mask("~/m.png").shape == (2, 2)
-    assert data.list_images("~/imgs") == [tmp_path / "imgs" / "a.jpg"]
-    assert len(data.TrainImages("~/imgs", None)) == 1
-    (tmp_path / "ids.txt").write_text("b\n")
-    assert data.select_ids(["a", "b"], ids_file="~/ids.txt") == ["b"]
-    assert data.make_synthetic_voc("~/syn", n_images=2, image_size=16) == tmp_path / "syn" / "VOC2012"
 
 
 # -----------------------------------------------------------------------------
@@ -326,111 +259,33 @@ def test_multicrop_shapes_seeding_and_photometric():
 
 
 # -----------------------------------------------------------------------------
-# the batched photometric augmentation against torchvision, crop by crop
-
-
-def awkward_batch(n=6, h=23, w=31):
-    """Random colours, quantised to uint8 levels (ties between channels), plus grey, black, white and saturated
-    regions, where HSV has its special cases."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
-    x[:, :, :4] = x[:, :1, :4]                   # grey rows: r = g = b
-    x[:, :, 4:6] = 0.0
-    x[:, :, 6:8] = 1.0
-    x[:, 0, 8:10], x[:, 1:, 8:10] = 1.0, 0.0     # pure red: max = r, min at two channels
-    x[:, 1, 10:12] = x[:, 0, 10:12]              # r = g ties in colour pixels
-    return x
-
-
-BLEND_CASES = [(0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)]
-
-
-@pytest.mark.parametrize("op,theirs", BLEND_CASES, ids=["brightness", "contrast", "saturation"])
-def test_batched_blend_ops_match_torchvision(op, theirs):
-    x = awkward_batch()
-    factors = [0.2, 0.7, 1.0, 1.3, 1.8, 0.9]
-    use = torch.tensor([True, True, True, True, True, False])      # the last crop is left as it is
-    got = data.blend_step(x, torch.full((6,), op), use, torch.tensor(factors)[:, None].expand(6, 4))
-    expected = torch.stack([theirs(img, f) for img, f in zip(x[:5], factors)] + [x[5]])
-    torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
-    assert torch.equal(got[5], x[5])
-
-
-def test_batched_hue_matches_torchvision():
-    x = awkward_batch()
-    shifts = [-0.2, -0.11, 0.0, 0.05, 0.13, 0.2]
-    got = data.adjust_hue(x, torch.tensor(shifts))
-    expected = torch.stack([TF.adjust_hue(img, f) for img, f in zip(x, shifts)])
-    torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
-
-
-def test_batched_blur_matches_torchvision():
-    x = awkward_batch()
-    sigmas = [0.1, 0.45, 1.0, 1.37, 2.0, 0.8]
-    got = data.gaussian_blur(x, torch.tensor(sigmas))
-    expected = torch.stack([TF.gaussian_blur(img, [13, 13], [s, s]) for img, s in zip(x, sigmas)])
-    torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
-    assert (got - x).abs().max() > 0.1                              # it did blur
-
-
-def test_augment_batch_is_the_torchvision_pipeline_per_crop():
-    """The whole augmentation with drawn parameters equals torchvision's functional ops applied crop by crop in
-    the same order with the same factors (what v2.ColorJitter, RandomGrayscale and GaussianBlur do once their
-    parameters are drawn), then Normalize."""
-    n = 24
-    crops = (awkward_batch(n) * 255).round().to(torch.uint8)
-    params = data.photometric_params(n, torch.Generator().manual_seed(1))
-    got = data.augment_batch(crops, params)
-    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-    for i in range(n):
-        img = TF.to_dtype(crops[i], torch.float32, scale=True)
-        if params["jitter"][i]:
-            for op_index in params["order"][i].tolist():
-                img = ops[op_index](img, params["factors"][i, op_index].item())
-        if params["gray"][i]:
-            img = TF.rgb_to_grayscale(img, num_output_channels=3)
-        if params["blur"][i]:
-            sigma = params["sigma"][i].item()
-            img = TF.gaussian_blur(img, [13, 13], [sigma, sigma])
-        expected = TF.normalize(img, data.IMAGENET_MEAN, data.IMAGENET_STD)
-        torch.testing.assert_close(got[i], expected, rtol=0, atol=3e-5)
-    kinds = [(bool(params["jitter"][i]), bool(params["gray"][i]), bool(params["blur"][i])) for i in range(n)]
-    assert len(set(kinds)) >= 4                                     # the draws covered several combinations
-
-
-def test_photometric_params_follow_the_reference_distributions():
-    n = 20000
-    p = data.photometric_params(n, torch.Generator().manual_seed(0))
-    for key, rate in (("jitter", 0.8), ("gray", 0.2), ("blur", 0.5)):
-        assert abs(p[key].float().mean().item() - rate) < 0.015, key
-    assert torch.equal(p["order"].sort(dim=1).values, torch.arange(4).expand(n, 4))  # permutations
-    first = torch.bincount(p["order"][:, 0], minlength=4).float() / n
-    assert (first - 0.25).abs().max() < 0.015                       # every op first equally often
-    low = torch.tensor([0.2, 0.2, 0.2, -0.2])
-    high = torch.tensor([1.8, 1.8, 1.8, 0.2])
-    f = p["factors"]
-    assert (f >= low).all() and (f <= high).all()
-    torch.testing.assert_close(f.mean(0), (low + high) / 2, rtol=0, atol=0.02)  # uniform
-    assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0 and abs(p["sigma"].mean().item() - 1.05) < 0.02
-
-
-def test_multicrop_on_device_gives_the_uint8_crops_of_the_plain_pipeline():
-    img = smooth_image(90, 120)
-    torch.manual_seed(5)
-    plain, boxes = data.MultiCrop(global_size=42, local_size=28, n_local=3, photometric=False)(img)
-    torch.manual_seed(5)
-    raw, boxes2 = data.MultiCrop(global_size=42, local_size=28, n_local=3, on_device=True)(img)
-    assert torch.equal(boxes, boxes2) and all(c.dtype == torch.uint8 for c in raw)
-    # with every op off, augment_batch is to-float + Normalize: the loader's plain crops
-    off = {"jitter": torch.zeros(1, dtype=torch.bool), "order": torch.arange(4)[None], "factors": torch.ones(1, 4),
-           "gray": torch.zeros(1, dtype=torch.bool), "blur": torch.zeros(1, dtype=torch.bool),
-           "sigma": torch.ones(1)}
-    for c, expected in zip(raw, plain):
-        torch.testing.assert_close(data.augment_batch(c[None], off)[0], expected, rtol=0, atol=1e-6)
-
-
-# -----------------------------------------------------------------------------
 # training images
+
+
+def test_files_whose_names_are_not_utf8_are_read(tmp_path):
+    jpg, png = non_utf8(tmp_path, b"caf\xe9_\xff.jpg"), non_utf8(tmp_path, b"m\xe4sk.png")
+    write_jpg(jpg, 12, 16, seed=3)
+    write_grey_png(png, np.arange(12).reshape(3, 4))
+    with pytest.raises(UnicodeEncodeError):
+        str(jpg).encode()  # what torchvision's read_file would need
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "plain.jpg").write_bytes(jpg.read_bytes())
+    assert torch.equal(data.read_image(jpg), data.read_image(tmp_path / "sub" / "plain.jpg"))
+    assert data.read_mask(png).tolist() == np.arange(12).reshape(3, 4).tolist()
+    ds = data.TrainImages(tmp_path, None)
+    assert jpg in ds.files and ds[ds.files.index(jpg)][0].shape == (3, 12, 16)  # read, not replaced
+
+
+def test_home_folder_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jpg(tmp_path / "imgs" / "a.jpg", 8, 8)
+    write_grey_png(tmp_path / "m.png", np.zeros((2, 2)))
+    assert data.read_image("~/imgs/a.jpg").shape == (3, 8, 8) and data.read_mask("~/m.png").shape == (2, 2)
+    assert data.list_images("~/imgs") == [tmp_path / "imgs" / "a.jpg"]
+    assert len(data.TrainImages("~/imgs", None)) == 1
+    (tmp_path / "ids.txt").write_text("b\n")
+    assert data.select_ids(["a", "b"], ids_file="~/ids.txt") == ["b"]
+    assert data.make_synthetic_voc("~/syn", n_images=2, image_size=16) == tmp_path / "syn" / "VOC2012"
 
 
 def test_train_images_is_deterministic_per_item_and_leaves_the_global_rng_alone(tmp_path):
@@ -517,7 +372,30 @@ def test_symlink_loops_are_listed_once_and_outside_links_followed(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# segmentation layouts
+# segmentation datasets: masks (palette indices, never colours), layouts, label checks, fractions
+
+
+def test_read_mask_returns_palette_indices_not_colours(tmp_path):
+    labels = np.array([[0, 1, 2, 3], [255, 20, 3, 1]], dtype=np.uint8)
+    # a palette whose colours (and their grey values) differ from the indices
+    palette = []
+    for i in range(256):
+        palette += [(i * 37 + 11) % 256, (i * 91 + 5) % 256, (255 - i * 13) % 256]
+    path = tmp_path / "m.png"
+    write_palette_png_pil(path, labels, palette)
+    mask = data.read_mask(path)
+    assert mask.dtype == torch.int64 and mask.shape == (2, 4)
+    assert mask.tolist() == labels.tolist()
+    # the file really is a palette PNG: read as RGB it gives the palette colours
+    rgb = data.read_image(path)
+    assert rgb[:, 0, 1].tolist() == palette[3:6]
+
+
+def test_read_mask_rejects_rgb_png(tmp_path):
+    path = tmp_path / "rgb.png"
+    path.write_bytes(bytes(encode_png(torch.zeros(3, 4, 4, dtype=torch.uint8)).numpy()))
+    with pytest.raises(ValueError, match="rgb.png"):
+        data.read_mask(path)
 
 
 def make_voc_tree(base, ids_by_split, flat=False):
@@ -642,6 +520,7 @@ def test_fraction_sampling_sizes_determinism_and_ids_file(tmp_path):
     make_voc_tree(tmp_path / "VOC2012", {"trainaug": ids})
     sizes = {f: len(data.VOCSegmentation(tmp_path, "trainaug", fraction=f)) for f in (1.0, 0.5, 0.25, 0.01)}
     assert sizes == {1.0: 10, 0.5: 5, 0.25: 3, 0.01: 1}  # round half up, at least 1
+    assert data.select_ids(ids[::-1]) == ids[::-1] and data.select_ids([], 1.0) == []  # all of them, in their order
     a = data.VOCSegmentation(tmp_path, "trainaug", fraction=0.3, seed=0).ids
     assert a == data.VOCSegmentation(tmp_path, "trainaug", fraction=0.3, seed=0).ids
     assert len(set(a)) == 3 and set(a) <= set(ids) and a == sorted(a)
@@ -660,7 +539,136 @@ def test_fraction_sampling_sizes_determinism_and_ids_file(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# synthetic scenes
+# the batched photometric augmentation against torchvision, crop by crop
+
+
+def awkward_batch(n=6, h=23, w=31):
+    """Random colours, quantised to uint8 levels (ties between channels), plus grey, black, white and saturated
+    regions, where HSV has its special cases."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
+    x[:, :, :4] = x[:, :1, :4]                   # grey rows: r = g = b
+    x[:, :, 4:6] = 0.0
+    x[:, :, 6:8] = 1.0
+    x[:, 0, 8:10], x[:, 1:, 8:10] = 1.0, 0.0     # pure red: max = r, min at two channels
+    x[:, 1, 10:12] = x[:, 0, 10:12]              # r = g ties in colour pixels
+    return x
+
+
+BLEND_CASES = [(0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)]
+
+
+@pytest.mark.parametrize("op,theirs", BLEND_CASES, ids=["brightness", "contrast", "saturation"])
+def test_batched_blend_ops_match_torchvision(op, theirs):
+    x = awkward_batch()
+    factors = [0.2, 0.7, 1.0, 1.3, 1.8, 0.9]
+    use = torch.tensor([True, True, True, True, True, False])      # the last crop is left as it is
+    got = data.blend_step(x, torch.full((6,), op), use, torch.tensor(factors)[:, None].expand(6, 4))
+    expected = torch.stack([theirs(img, f) for img, f in zip(x[:5], factors)] + [x[5]])
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
+    assert torch.equal(got[5], x[5])
+
+
+def test_batched_hue_matches_torchvision():
+    x = awkward_batch()
+    shifts = [-0.2, -0.11, 0.0, 0.05, 0.13, 0.2]
+    got = data.adjust_hue(x, torch.tensor(shifts))
+    expected = torch.stack([TF.adjust_hue(img, f) for img, f in zip(x, shifts)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
+
+
+def test_batched_blur_matches_torchvision():
+    x = awkward_batch()
+    sigmas = [0.1, 0.45, 1.0, 1.37, 2.0, 0.8]
+    got = data.gaussian_blur(x, torch.tensor(sigmas))
+    expected = torch.stack([TF.gaussian_blur(img, [13, 13], [s, s]) for img, s in zip(x, sigmas)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
+    assert (got - x).abs().max() > 0.1                              # it did blur
+
+
+def test_augment_batch_is_the_torchvision_pipeline_per_crop():
+    """The whole augmentation with drawn parameters equals torchvision's functional ops applied crop by crop in
+    the same order with the same factors (what v2.ColorJitter, RandomGrayscale and GaussianBlur do once their
+    parameters are drawn), then Normalize."""
+    n = 24
+    crops = (awkward_batch(n) * 255).round().to(torch.uint8)
+    params = data.photometric_params(n, torch.Generator().manual_seed(1))
+    got = data.augment_batch(crops, params)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(n):
+        img = TF.to_dtype(crops[i], torch.float32, scale=True)
+        if params["jitter"][i]:
+            for op_index in params["order"][i].tolist():
+                img = ops[op_index](img, params["factors"][i, op_index].item())
+        if params["gray"][i]:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        if params["blur"][i]:
+            sigma = params["sigma"][i].item()
+            img = TF.gaussian_blur(img, [13, 13], [sigma, sigma])
+        expected = TF.normalize(img, data.IMAGENET_MEAN, data.IMAGENET_STD)
+        torch.testing.assert_close(got[i], expected, rtol=0, atol=3e-5)
+    kinds = [(bool(params["jitter"][i]), bool(params["gray"][i]), bool(params["blur"][i])) for i in range(n)]
+    assert len(set(kinds)) >= 4                                     # the draws covered several combinations
+
+
+def test_photometric_params_follow_the_reference_distributions():
+    n = 20000
+    p = data.photometric_params(n, torch.Generator().manual_seed(0))
+    for key, rate in (("jitter", 0.8), ("gray", 0.2), ("blur", 0.5)):
+        assert abs(p[key].float().mean().item() - rate) < 0.015, key
+    assert torch.equal(p["order"].sort(dim=1).values, torch.arange(4).expand(n, 4))  # permutations
+    first = torch.bincount(p["order"][:, 0], minlength=4).float() / n
+    assert (first - 0.25).abs().max() < 0.015                       # every op first equally often
+    low = torch.tensor([0.2, 0.2, 0.2, -0.2])
+    high = torch.tensor([1.8, 1.8, 1.8, 0.2])
+    f = p["factors"]
+    assert (f >= low).all() and (f <= high).all()
+    torch.testing.assert_close(f.mean(0), (low + high) / 2, rtol=0, atol=0.02)  # uniform
+    assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0 and abs(p["sigma"].mean().item() - 1.05) < 0.02
+
+
+def test_multicrop_on_device_gives_the_uint8_crops_of_the_plain_pipeline():
+    img = smooth_image(90, 120)
+    torch.manual_seed(5)
+    plain, boxes = data.MultiCrop(global_size=42, local_size=28, n_local=3, photometric=False)(img)
+    torch.manual_seed(5)
+    raw, boxes2 = data.MultiCrop(global_size=42, local_size=28, n_local=3, on_device=True)(img)
+    assert torch.equal(boxes, boxes2) and all(c.dtype == torch.uint8 for c in raw)
+    # with every op off, augment_batch is to-float + Normalize: the loader's plain crops
+    off = {"jitter": torch.zeros(1, dtype=torch.bool), "order": torch.arange(4)[None], "factors": torch.ones(1, 4),
+           "gray": torch.zeros(1, dtype=torch.bool), "blur": torch.zeros(1, dtype=torch.bool),
+           "sigma": torch.ones(1)}
+    for c, expected in zip(raw, plain):
+        torch.testing.assert_close(data.augment_batch(c[None], off)[0], expected, rtol=0, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# palette PNGs and synthetic scenes
+
+# the VOC colours of some classes, from the devkit's colour map: 0 background, 1 aeroplane, 2 bicycle, 3 bird,
+# 4 boat, 7 car, 15 person, 20 tvmonitor, 255 void
+VOC_COLOURS = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128), 7: (128, 128, 128),
+               15: (192, 128, 128), 20: (0, 64, 128), 255: (224, 224, 192)}
+
+
+def test_encode_palette_png_is_a_voc_palette_png(tmp_path):
+    labels = torch.tensor([[0, 1, 2, 15], [255, 20, 7, 0], [3, 3, 4, 255]], dtype=torch.uint8)
+    path = tmp_path / "v.png"
+    path.write_bytes(data.encode_palette_png(labels))
+    with Image.open(path) as im:  # independent decoder
+        assert im.mode == "P"
+        assert np.array(im).tolist() == labels.tolist()
+        pal = im.getpalette()
+    assert len(pal) == 768 and all(tuple(pal[3 * c:3 * c + 3]) == rgb for c, rgb in VOC_COLOURS.items())
+    assert data.voc_palette() == bytes(pal)
+    assert data.read_mask(path).tolist() == labels.long().tolist()  # the palette indices ...
+    rgb = data.read_image(path)  # ... and, read as RGB, the VOC colours
+    assert all(tuple(rgb[:, y, x].tolist()) == VOC_COLOURS[int(labels[y, x])] for y in range(3) for x in range(4))
+    # another palette is written as given
+    grey = bytes(v for i in range(256) for v in (i, i, i))
+    path.write_bytes(data.encode_palette_png(labels, grey))
+    assert data.read_mask(path).tolist() == labels.long().tolist()
+    assert data.read_image(path)[:, 1, 1].tolist() == [20, 20, 20]
 
 
 def test_synthetic_voc_is_deterministic_and_in_voc_format(tmp_path):
