@@ -3,7 +3,7 @@ Benchmarks, one subcommand per part of the project; each prints one JSON line pe
 table at the end.
 
     python bench.py train [--arch dinov2_vits14_reg] [--batch 64] [--device auto]   # the training step
-    python bench.py sort [--rows 3136] [--n 49 16 64 128]                           # diff_sort vs diffsort
+    python bench.py sort [--n 49 16 64 128] [--threads 1 0] [--hogs 2] [--rounds 3]  # diff_sort vs diffsort
     python bench.py incontext [--memory 10240000] [--images 1449]                   # the in-context search
     python bench.py scaling                                # sort cost against n and rows, search against memory
     python bench.py augment                                # photometric augmentation: loader (CPU) or device
@@ -18,7 +18,8 @@ runs a small one (batch 4, 2 x 224 + 4 x 98 px, ~1 min).
 sort: forward+backward time and peak memory of sort.diff_sort against diffsort 0.2.0's DiffSortNet (the dense
 method NeCo's public code used; `pip install diffsort==0.2.0`), side by side in one run, at NeCo's shape
 (3136 rows = 64 images x 49 queries, n = 49, bitonic, Cauchy, steepness 100) and at other n. Where diffsort would
-need more than --dense-max-mib (n = 128: ~17 GiB at 3136 rows), both methods get fewer rows. ~70 s on 2 cores.
+need more than --dense-max-mib (n = 128: ~17 GiB at 3136 rows), both methods get fewer rows. With 1 torch thread
+and with all (--threads 1 0), on an idle CPU or beside --hogs busy-looping processes (a shared, loaded CPU).
 
 incontext: evaluate.topk_inner_product, the exact k-NN search of the in-context protocol, on random unit
 features: a memory of 10.24M x 384 patches and 1,449 val images x 1,296 queries searched 16 images at a time
@@ -361,8 +362,7 @@ METHODS = ("ours", "diffsort")
 def dense_rows_cap(n, network, max_mib):
     """diffsort keeps a few (rows, n, n) tensors per layer for backward: its peak was measured at 17-18 bytes per
     row, layer and n^2 (float32, CPU). The largest multiple of 49 rows whose estimate fits under max_mib (>= 49)."""
-    layers = sum(len(stage.layers) for stage in sort.build_layout(n, network)[1])
-    per_row = 18 * layers * n * n
+    per_row = 18 * len(sort.network_layers(n, network)[1]) * n * n
     return max(49, int(max_mib * 2**20 // per_row) // 49 * 49)
 
 
@@ -401,12 +401,14 @@ def timed_peak_run(sorter, x, grads, device):
     forward_backward(sorter, x, grads)
     sync(device)
     ms = (time.perf_counter() - start) * 1e3
-    return ms, (peak_bytes(device) - base) / 2**20
+    return ms, max(0, peak_bytes(device) - base) / 2**20    # the kernel's RSS counters lag by a few pages
 
 
 def cmd_sort_one(args):
-    """Child of `sort` and `scaling`, one per method and shape: a run on 64 rows loads the method's code and lazy
-    state, then `repeats` runs on the real input, the first of which gives the peak memory. Prints JSON."""
+    """Child of `sort` and `scaling`, one per method, shape and thread count: a run on 64 rows loads the method's
+    code and lazy state, then `repeats` runs on the real input, the first of which gives the peak memory."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sorter = make_sorter(args.method, args.n, args)
     forward_backward(sorter, *sort_inputs(64, args.n, args.device))
     x, grads = sort_inputs(args.rows, args.n, args.device)
@@ -415,34 +417,46 @@ def cmd_sort_one(args):
         ms, mib = timed_peak_run(sorter, x, grads, args.device)
         times.append(ms)
         peak = mib if peak is None else peak
-    print(json.dumps({"ms": statistics.median(times), "peak_mib": peak}))
+    print(json.dumps({"ms": statistics.median(times), "peak_mib": peak, "threads": torch.get_num_threads()}))
 
 
-def run_sort_child(method, n, rows, args):
+def run_sort_child(method, n, rows, args, threads=0):
     return run_child(["sort-one", method, n, rows, "--repeats", args.repeats, "--network", args.network,
-                      "--steepness", args.steepness, "--distribution", args.distribution, "--device", args.device])
+                      "--steepness", args.steepness, "--distribution", args.distribution, "--device", args.device,
+                      "--threads", threads])
 
 
 def cmd_sort(args):
+    """Per n and thread count, `rounds` rounds of one fresh child per method, alternating, so that both see the
+    same load; medians over the rounds. --hogs starts busy-looping processes for the whole run (a loaded CPU)."""
     args.device = pick_device(args.device)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
     results = []
-    for n in args.n:
-        sort.check_arguments(n, args.network, args.steepness, args.distribution)
-        rows = min(args.rows, dense_rows_cap(n, args.network, args.dense_max_mib))
-        line = {"bench": "sort", "n": n, "rows": rows, "network": args.network, "distribution": args.distribution,
-                "steepness": args.steepness, "device": args.device, "threads": torch.get_num_threads()}
-        for method in METHODS:                                  # one after the other, each in a fresh process
-            one = run_sort_child(method, n, rows, args)
-            line.update({f"{method}_ms": round(one["ms"], 1), f"{method}_peak_mib": round(one["peak_mib"], 1)})
-        line["speedup"] = round(line["diffsort_ms"] / line["ours_ms"], 2)
-        line["memory_ratio"] = round(line["diffsort_peak_mib"] / max(line["ours_peak_mib"], 1e-3), 2)
-        print(json.dumps(line), flush=True)
-        results.append(line)
+    try:
+        for n in args.n:
+            sort.check_arguments(n, args.network, args.steepness, args.distribution)
+            rows = min(args.rows, dense_rows_cap(n, args.network, args.dense_max_mib))
+            for threads in args.threads if args.device == "cpu" else [0]:
+                runs = [[run_sort_child(m, n, rows, args, threads) for m in METHODS] for _ in range(args.rounds)]
+                line = {"bench": "sort", "n": n, "rows": rows, "network": args.network, "device": args.device,
+                        "threads": runs[0][0]["threads"], "hogs": args.hogs, "rounds": args.rounds}
+                for i, method in enumerate(METHODS):
+                    for key in ("ms", "peak_mib"):
+                        line[f"{method}_{key}"] = round(statistics.median(r[i][key] for r in runs), 1)
+                line["speedup"] = round(line["diffsort_ms"] / line["ours_ms"], 2)
+                line["memory_ratio"] = round(line["diffsort_peak_mib"] / max(line["ours_peak_mib"], 1e-3), 2)
+                print(json.dumps(line), flush=True)
+                results.append(line)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
     print(f"\nforward+backward, {args.network}, {args.distribution}, steepness {args.steepness}, "
-          f"{device_name(args.device)}, median of {args.repeats}; peak = memory above the inputs during one "
-          f"forward+backward\n")
-    table(["rows", "n", "ours ms", "diffsort ms", "speedup", "ours peak MiB", "diffsort peak MiB", "memory ratio"],
-          [[r["rows"], r["n"], r["ours_ms"], r["diffsort_ms"], f"{r['speedup']}x", r["ours_peak_mib"],
+          f"{cpu_name() if args.device == 'cpu' else device_name(args.device)}, {args.hogs} busy-loop processes "
+          f"beside it; median of {args.rounds} rounds x {args.repeats} runs; peak = memory above the inputs\n")
+    table(["rows", "n", "threads", "ours ms", "diffsort ms", "speedup", "ours peak MiB", "diffsort peak MiB",
+           "memory ratio"],
+          [[r["rows"], r["n"], r["threads"], r["ours_ms"], r["diffsort_ms"], f"{r['speedup']}x", r["ours_peak_mib"],
             r["diffsort_peak_mib"], f"{r['memory_ratio']}x"] for r in results])
 
 
@@ -533,8 +547,8 @@ def cmd_scaling(args):
         sort.check_arguments(n, args.network, args.steepness, args.distribution)
         one = run_sort_child("ours", n, rows, args)
         line = {"bench": "scaling_sort", "n": n, "rows": rows, "device": device, "ms": round(one["ms"], 1),
-                "peak_mib": round(one["peak_mib"], 1), "layers": sum(
-                    len(stage.layers) for stage in sort.build_layout(n, args.network)[1])}
+                "peak_mib": round(one["peak_mib"], 1),
+                "layers": len(sort.network_layers(n, args.network)[1])}
         print(json.dumps(line), flush=True)
         sort_lines.append(line)
     for memory in memories:
@@ -593,6 +607,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs (the median is reported)")
     p.add_argument("--dense-max-mib", type=float, default=4700,
                    help="use fewer rows (for both methods) where diffsort would need more memory than this")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 0], help="torch threads (0: all)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of both methods, alternating (median reported)")
+    p.add_argument("--hogs", type=int, default=0, help="busy-looping processes beside the run (a loaded CPU)")
     p.add_argument("--device", default="auto", choices=devices)
     add_sort_options(p)
     p.set_defaults(run=cmd_sort)
@@ -640,6 +657,7 @@ def main(argv=None):
     p.add_argument("n", type=int)
     p.add_argument("rows", type=int)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", required=True, choices=("cpu", "cuda"))
     add_sort_options(p)
     p.set_defaults(run=cmd_sort_one)
