@@ -137,15 +137,15 @@ def topk_inner_product(queries, keys, k, key_bias=None, query_chunk=4096, key_ch
     -> scores (Q, k) float32, indices (Q, k), best first. Products in the keys' dtype, the kept ones redone in fp32."""
     k, out = min(k, len(keys)), []
     for q in queries.split(query_chunk):
-        qk, blocks = q.to(keys.dtype), []
+        qk = q.to(keys.dtype)
+        best_s, best_i = qk.new_empty(len(q), 0), torch.empty(len(q), 0, dtype=torch.long, device=q.device)
         for start in range(0, len(keys), key_chunk):
             s = qk @ keys[start:start + key_chunk].T  # (q, m)
             if key_bias is not None:
                 s += key_bias[start:start + key_chunk].to(s.dtype)
             s, i = s.topk(min(k, s.shape[1]), dim=1)
-            blocks.append((s, i + start))
-        best_s, j = torch.cat([s for s, _ in blocks], 1).topk(k, dim=1)  # the best of every block's best, sorted
-        best_i = torch.cat([i for _, i in blocks], 1).gather(1, j)
+            best_s, j = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)  # merged, sorted
+            best_i = torch.cat([best_i, i + start], 1).gather(1, j)
         if keys.dtype != torch.float32:  # the softmax that follows must not see half-precision rounding
             best_s = torch.einsum("qd,qkd->qk", q.float(), keys[best_i].float())  # (q, k)
             best_s, j = (best_s if key_bias is None else best_s + key_bias[best_i]).sort(dim=1, descending=True)
