@@ -50,7 +50,8 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # in-context segmentation: a memory of labelled train patches, exact k-NN search, soft label transfer, scoring
 def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, precision, n_vis=0):
-    """Each val patch takes the labels of its k nearest memory patches; one confusion matrix, scored every way."""
+    """Each val patch takes the labels of its k nearest memory patches; one confusion matrix, scored every way.
+    -> (per-class IoU, mIoU, picture rows (image, gt, pred), extra result keys), as every evaluate_<family>."""
     torch.manual_seed(s["seed"])  # the memory augmentation draws from the global generator
     C, size, p, protocol = val_set.num_classes, s["image_size"], backbone.patch_size, PROTOCOLS[s["protocol"]]
     keys, labels = build_memory(backbone, train_set, C, val_set.ignore_index, size, s["memory_size"], s["aug_epochs"],
@@ -478,8 +479,10 @@ def save_vis(samples, path, num_classes, ignore_index):
     """(image uint8 (3, S, S), gt (S, S), pred (S, S)) samples -> one PNG, a row per image: image | gt | prediction."""
     palette, classes = data.voc_palette(), torch.arange(num_classes)[:, None, None]
     colors = [tuple(palette[3 * c:3 * c + 3]) for c in range(num_classes)]
-    tiles = [tile for image, *maps in samples for tile in [image] + [draw_segmentation_masks(
-        image, (m.long() == classes) & (m != ignore_index), 0.6, colors) for m in maps]]  # (C, S, S) masks
+    tiles = []
+    for image, *maps in samples:  # maps: the ground truth and the prediction
+        masks = [(m.long() == classes) & (m != ignore_index) for m in maps]  # (C, S, S) bool each
+        tiles += [image] + [draw_segmentation_masks(image, mask, alpha=0.6, colors=colors) for mask in masks]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))  # any file name
 

@@ -388,6 +388,15 @@ def test_kmeans_keeps_the_restart_with_the_lowest_objective():
     assert single[2] == objectives[0]
 
 
+def test_kmeans_with_no_iterations_keeps_random_points_of_the_sample():
+    x = blob_mixture()
+    assign, centroids, objective = evaluate.kmeans(x, 5, seed=1, iters=0, redo=3)
+    rows = {tuple(r) for r in x.tolist()}
+    assert all(tuple(c) in rows for c in centroids.tolist()) and len({tuple(c) for c in centroids.tolist()}) == 5
+    assert objective == math.inf  # no assignment was made during training
+    assert torch.equal(assign, torch.cdist(x, centroids).argmin(1))
+
+
 def test_kmeans_trains_on_a_capped_sample(monkeypatch):
     x = blob_mixture(n_blobs=4, per_blob=250)  # 1000 points
     seen = []
@@ -536,8 +545,9 @@ def test_each_family_applies_its_pos_embed_rule(task, rule, ckpt, voc, tmp_path,
     assert rc == 0, err
     assert result["pos_embed_rule"] == rule
     sd = ckpt[1].state_dict()
+    other_rule = "neco" if rule == "dinov2" else "dinov2"
     expected, other = (model.build_backbone("vit_tiny14_reg", weights=sd, pos_embed_rule=r).eval()
-                       .forward_features(x)["x_norm_patchtokens"] for r in (rule, {"dinov2": "neco"}.get(rule, "dinov2")))
+                       .forward_features(x)["x_norm_patchtokens"] for r in (rule, other_rule))
     torch.testing.assert_close(seen["tokens"], expected)
     assert (expected - other).abs().max() > 1e-3  # the two rules differ at this grid
 
@@ -547,7 +557,8 @@ def test_each_family_applies_its_pos_embed_rule(task, rule, ckpt, voc, tmp_path,
 
 
 @pytest.mark.parametrize("case", ["task", "ckpt", "corrupt", "root", "set_unknown", "set_not_eval", "set_value",
-                                  "hub_name", "teacher_bare", "protocol", "subset_missing", "subset_unknown"])
+                                  "hub_name", "teacher_bare", "teacher_hub", "protocol", "subset_missing",
+                                  "subset_unknown"])
 def test_user_errors(case, ckpt, voc, tmp_path, capsys):
     args = {"--ckpt": ckpt[0], "--task": "voc_incontext", "--data-root": voc}
     sets = []
@@ -572,6 +583,8 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
         torch.save(ckpt[1].state_dict(), tmp_path / "bare.pth")
         args["--ckpt"] = tmp_path / "bare.pth"
         sets = None
+    elif case == "teacher_hub":  # refused before any download
+        args["--ckpt"] = "hub:dinov2_vits14_reg"
     elif case == "protocol":
         sets = ["eval.incontext.protocol=hummingbird"]
     elif case == "subset_missing":
@@ -580,13 +593,14 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
         (tmp_path / "ids.txt").write_text("no_such_image\n")
         sets = [f"eval.incontext.subset_file={tmp_path / 'ids.txt'}", "eval.voc_train_split=train"]
     argv = [x for kv in args.items() for x in kv] + (["--set", *sets] if sets else [])
-    argv += ["--teacher"] if case == "teacher_bare" else []
+    argv += ["--teacher"] if case.startswith("teacher") else []
     rc, _, err = run_cli(capsys, argv)
     assert rc == 2
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     named = {"task": "voc_segment", "ckpt": "nope.pt", "corrupt": "bad.pt", "root": "no_voc_here",
              "set_unknown": "eval.incontext.kk", "set_not_eval": "optim.epochs", "set_value": "image_size",
-             "hub_name": "dinov2_vitx14", "teacher_bare": "--teacher", "protocol": "eval.incontext.protocol",
+             "hub_name": "dinov2_vitx14", "teacher_bare": "--teacher", "teacher_hub": "--teacher",
+             "protocol": "eval.incontext.protocol",
              "subset_missing": "eval.incontext.subset_file", "subset_unknown": "no_such_image"}[case]
     assert named in err
 
