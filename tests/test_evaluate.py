@@ -76,7 +76,7 @@ def test_miou_matches_bruteforce():
     pred = torch.randint(0, C, gt.shape, generator=g)
     pred[pred == 4] = 0  # ... class 4 absent from GT? no: absent from the predictions only
     conf = evaluate.confusion_matrix(pred, gt, C, 255)
-    ious = evaluate.class_iou(conf)
+    ious, _ = evaluate.score(conf)
     expected = []
     for c in range(C):
         tp = fp = fn = 0
@@ -92,8 +92,8 @@ def test_miou_matches_bruteforce():
         assert (math.isnan(expected[c]) and math.isnan(ious[c])) or abs(ious[c].item() - expected[c]) < 1e-12
     # class 3 is predicted but never true: union > 0, IoU 0, and it counts in the mean
     assert expected[3] == 0
-    assert evaluate.mean_over_present(ious) == pytest.approx(sum(expected) / C)
-    assert evaluate.mean_over_all(ious) == pytest.approx(sum(expected) / C)  # every class has a union here
+    assert evaluate.score(conf, over_all=False)[1] == pytest.approx(sum(expected) / C)
+    assert evaluate.score(conf)[1] == pytest.approx(sum(expected) / C)  # every class has a union here
 
 
 def test_incontext_scores_ade_hand_made():
@@ -116,13 +116,15 @@ def test_hungarian_recovers_permuted_prediction():
     C = 8
     gt = torch.randint(0, C, (20000,), generator=g)
     pred = torch.where(torch.rand(gt.shape, generator=g) < 0.7, gt, torch.randint(0, C, gt.shape, generator=g))
-    identity = evaluate.mean_over_all(evaluate.class_iou(evaluate.confusion_matrix(pred, gt, C, 255)))
+    identity = evaluate.score(evaluate.confusion_matrix(pred, gt, C, 255))[1]
     perm = torch.tensor([3, 0, 6, 1, 7, 2, 4, 5])  # no class keeps its name
     conf = evaluate.confusion_matrix(perm[pred], gt, C, 255)  # the same prediction under other class names
-    assert evaluate.mean_over_all(evaluate.class_iou(conf)) < identity - 0.3
+    tp = conf.diag().double()
+    renamed = (tp / (conf.sum(0) + conf.sum(1) - tp)).mean().item()  # IoU by hand, every class has a union
+    assert renamed < identity - 0.3
     scores = evaluate.incontext_scores(conf, ignore_index=255)
     assert scores["hbird"][1] == pytest.approx(identity, abs=1e-12)
-    assert scores["plain"][1] == pytest.approx(evaluate.mean_over_present(evaluate.class_iou(conf)))
+    assert scores["plain"][1] == pytest.approx(renamed)
 
 
 @pytest.mark.parametrize("n,m,seed", [(1, 1, 0), (3, 3, 1), (5, 5, 2), (6, 6, 3), (4, 6, 4), (5, 7, 5)])
@@ -138,7 +140,7 @@ def test_hungarian_matches_bruteforce(n, m, seed):
 def test_hungarian_mapping_maximises_iou():
     # 3 clusters x 3 classes; the greedy choice for cluster 0 (class 0, 50 px) would block the better total
     conf = torch.tensor([[50, 45, 0], [60, 0, 0], [0, 0, 30]])
-    mapping = evaluate.hungarian_mapping(conf).tolist()
+    mapping = evaluate.match_clusters(conf)[0].tolist()
     cls_px, clu_px = conf.sum(0).double(), conf.sum(1).double()
 
     def total_iou(p):
@@ -149,8 +151,8 @@ def test_hungarian_mapping_maximises_iou():
 def test_many_to_one_by_precision():
     # rows: clusters, columns: classes (pixel counts)
     conf = torch.tensor([[8, 2], [1, 9], [3, 4], [0, 5]])
-    assert evaluate.many_to_one_mapping(conf).tolist() == [0, 1, 1, 1]
-    class_conf = evaluate.remap_confusion(conf, evaluate.many_to_one_mapping(conf))
+    mapping, class_conf = evaluate.match_clusters(conf)  # 4 clusters, 2 classes: many-to-one
+    assert mapping.tolist() == [0, 1, 1, 1]
     # GT class 0: 8 px in cluster 0 (-> 0), 1 + 3 in clusters mapped to 1; class 1: 2 px in cluster 0, 18 in the rest
     assert class_conf.tolist() == [[8, 4], [2, 18]]
 
@@ -194,11 +196,14 @@ def test_topk_half_keys_rescores_in_fp32():
 
 def test_transfer_labels_hand_made():
     t = 0.02
-    # neighbour 2 is t*ln(3) below neighbour 1: weights e^0 : e^-ln3 = 3 : 1 -> 3/4, 1/4
-    scores = torch.tensor([[0.5, 0.5 - t * math.log(3)], [0.1, 0.1]])
-    labels = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]],
-                           [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
-    out = evaluate.transfer_labels(scores, labels, t)
+    # query 1 (x axis): keys 1 and 2 at cosines 0.5 and 0.5 - t ln 3, so weights e^0 : e^-ln3 = 3 : 1 -> 3/4, 1/4;
+    # query 2 (z axis): keys 3 and 4 at cosine 0.1 each -> 1/2, 1/2. Each query's other keys are at cosine 0.
+    c = 0.5 - t * math.log(3)
+    keys = torch.tensor([[0.5, 0.75 ** 0.5, 0.0], [c, -(1 - c * c) ** 0.5, 0.0],
+                         [0.0, 0.99 ** 0.5, 0.1], [0.0, -0.99 ** 0.5, 0.1]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    queries = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])  # not normalised: knn_transfer does it
+    out = evaluate.knn_transfer(queries, keys, labels, 2, t)
     torch.testing.assert_close(out, torch.tensor([[0.75, 0.125, 0.125], [0.0, 0.5, 0.5]]))
 
 
@@ -298,7 +303,7 @@ def test_linear_head_learns_separable_problem():
     prototypes = torch.randn(C, D, generator=g)
     classes = torch.arange(n) % C
     # token features: the class prototype plus small noise, so a linear map separates them
-    feats = prototypes[classes][:, :, None, None] + 0.2 * torch.randn(n, D, 4, 4, generator=g)
+    feats = prototypes[classes][:, None, None, :] + 0.2 * torch.randn(n, 4, 4, D, generator=g)  # (n, h, w, D)
     targets = classes[:, None, None].expand(n, 12, 12)  # every pixel of image i has class i % 3
     s = dict(epochs=12, lr=0.1, momentum=0.9, weight_decay=0.0, lr_step_epoch=10, lr_gamma=0.1, out_size=12, seed=0)
 
@@ -309,7 +314,7 @@ def test_linear_head_learns_separable_problem():
         return zip(feats[32:].split(8), targets[32:].split(8))
     head, history = evaluate.train_linear_head(train_epoch, val_batches, D, C, 255, s, "cpu")
     assert len(history) == 12
-    first, last = (evaluate.mean_over_present(evaluate.class_iou(h)) for h in (history[0], history[-1]))
+    first, last = (evaluate.score(h, over_all=False)[1] for h in (history[0], history[-1]))
     assert last > 0.98 and last > first
     assert history[-1].sum() == 16 * 12 * 12
 
@@ -318,10 +323,10 @@ def test_linear_scoring_at_mask_size_hand_made():
     # a 2x2 token grid: left tokens say class 0, right tokens class 1 (the head passes feature c to logit c)
     head = evaluate.LinearHead(2, 2, out_size=4)
     with torch.no_grad():
-        head.conv.weight.copy_(torch.eye(2)[:, :, None, None])
-        head.conv.bias.zero_()
+        head.weight.copy_(torch.eye(2)[:, :, None, None])
+        head.bias.zero_()
     left = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    feats = torch.stack([left, 1 - left])[None]  # (1, D=2, h=2, w=2)
+    feats = torch.stack([left, 1 - left], -1)[None]  # (1, h=2, w=2, D=2)
     # full-resolution GT 8x8: columns 0, 2, 3 class 0, column 1 class 1; columns 4, 6, 7 class 1, column 5 void
     row = torch.tensor([0, 1, 0, 0, 1, 255, 1, 1])
     gt = row.expand(8, 8)[None]
@@ -329,10 +334,10 @@ def test_linear_scoring_at_mask_size_hand_made():
     assert small[0, 0].tolist() == [0, 0, 1, 1]
     conf_small = evaluate.linear_confusion(head, [(feats, small)], 2, 255, "cpu")
     conf_full = evaluate.linear_confusion(head, [(feats, gt)], 2, 255, "cpu")
-    assert evaluate.mean_over_all(evaluate.class_iou(conf_small)) == pytest.approx(1.0)
+    assert evaluate.score(conf_small)[1] == pytest.approx(1.0)
     # full resolution: the left half is predicted 0, so column 1 (class 1) is wrong: IoU 3/4 for both classes
     assert conf_full.tolist() == [[24, 0], [8, 24]]
-    assert evaluate.mean_over_all(evaluate.class_iou(conf_full)) == pytest.approx(0.75)
+    assert evaluate.score(conf_full)[1] == pytest.approx(0.75)
 
 
 def test_standardize_pca_gives_uncorrelated_sorted_components():
@@ -381,6 +386,15 @@ def test_kmeans_keeps_the_restart_with_the_lowest_objective():
     # one restart is restart 0 alone
     single = evaluate.kmeans(x, k, seed=seed, iters=100, redo=1)
     assert single[2] == objectives[0]
+
+
+def test_kmeans_with_no_iterations_keeps_random_points_of_the_sample():
+    x = blob_mixture()
+    assign, centroids, objective = evaluate.kmeans(x, 5, seed=1, iters=0, redo=3)
+    rows = {tuple(r) for r in x.tolist()}
+    assert all(tuple(c) in rows for c in centroids.tolist()) and len({tuple(c) for c in centroids.tolist()}) == 5
+    assert objective == math.inf  # no assignment was made during training
+    assert torch.equal(assign, torch.cdist(x, centroids).argmin(1))
 
 
 def test_kmeans_trains_on_a_capped_sample(monkeypatch):
@@ -531,8 +545,9 @@ def test_each_family_applies_its_pos_embed_rule(task, rule, ckpt, voc, tmp_path,
     assert rc == 0, err
     assert result["pos_embed_rule"] == rule
     sd = ckpt[1].state_dict()
+    other_rule = "neco" if rule == "dinov2" else "dinov2"
     expected, other = (model.build_backbone("vit_tiny14_reg", weights=sd, pos_embed_rule=r).eval()
-                       .forward_features(x)["x_norm_patchtokens"] for r in (rule, {"dinov2": "neco"}.get(rule, "dinov2")))
+                       .forward_features(x)["x_norm_patchtokens"] for r in (rule, other_rule))
     torch.testing.assert_close(seen["tokens"], expected)
     assert (expected - other).abs().max() > 1e-3  # the two rules differ at this grid
 
@@ -542,7 +557,8 @@ def test_each_family_applies_its_pos_embed_rule(task, rule, ckpt, voc, tmp_path,
 
 
 @pytest.mark.parametrize("case", ["task", "ckpt", "corrupt", "root", "set_unknown", "set_not_eval", "set_value",
-                                  "hub_name", "teacher_bare", "protocol", "subset_missing", "subset_unknown"])
+                                  "hub_name", "teacher_bare", "teacher_hub", "protocol", "subset_missing",
+                                  "subset_unknown"])
 def test_user_errors(case, ckpt, voc, tmp_path, capsys):
     args = {"--ckpt": ckpt[0], "--task": "voc_incontext", "--data-root": voc}
     sets = []
@@ -567,6 +583,8 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
         torch.save(ckpt[1].state_dict(), tmp_path / "bare.pth")
         args["--ckpt"] = tmp_path / "bare.pth"
         sets = None
+    elif case == "teacher_hub":  # refused before any download
+        args["--ckpt"] = "hub:dinov2_vits14_reg"
     elif case == "protocol":
         sets = ["eval.incontext.protocol=hummingbird"]
     elif case == "subset_missing":
@@ -575,13 +593,14 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
         (tmp_path / "ids.txt").write_text("no_such_image\n")
         sets = [f"eval.incontext.subset_file={tmp_path / 'ids.txt'}", "eval.voc_train_split=train"]
     argv = [x for kv in args.items() for x in kv] + (["--set", *sets] if sets else [])
-    argv += ["--teacher"] if case == "teacher_bare" else []
+    argv += ["--teacher"] if case.startswith("teacher") else []
     rc, _, err = run_cli(capsys, argv)
     assert rc == 2
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     named = {"task": "voc_segment", "ckpt": "nope.pt", "corrupt": "bad.pt", "root": "no_voc_here",
              "set_unknown": "eval.incontext.kk", "set_not_eval": "optim.epochs", "set_value": "image_size",
-             "hub_name": "dinov2_vitx14", "teacher_bare": "--teacher", "protocol": "eval.incontext.protocol",
+             "hub_name": "dinov2_vitx14", "teacher_bare": "--teacher", "teacher_hub": "--teacher",
+             "protocol": "eval.incontext.protocol",
              "subset_missing": "eval.incontext.subset_file", "subset_unknown": "no_such_image"}[case]
     assert named in err
 
@@ -798,7 +817,7 @@ def test_home_paths_and_nothing_but_the_result_on_stdout(voc, tmp_path, capsys, 
 
 
 # -----------------------------------------------------------------------------
-# "done when": the in-context protocol against an independent brute-force run of it
+# the in-context protocol against an independent brute-force run of it
 
 
 def brute_force_incontext(backbone, voc_root, size=224, k=30, temperature=0.02, euclidean=False):
