@@ -1,12 +1,13 @@
 """
-NeCo post-training: a student ViT learns to order patches by similarity to reference patches the same way as its
-EMA teacher does, through a differentiable sorting network.
+NeCo post-training: a student ViT learns to order patches by their similarity to reference patches the same way as
+its EMA teacher does, through a differentiable sorting network.
 
     python train.py --config config.yaml                     # the paper's run (COCO train2017, ViT-S/14-reg)
     python train.py --config config.yaml --demo              # offline demo on synthetic scenes, CPU, ~3 minutes
     torchrun --nproc_per_node=4 train.py --config config.yaml   # several GPUs (DistributedDataParallel)
 
-Re-running the same command resumes from <out_dir>/last.pt.
+Re-running the same command resumes from <out_dir>/last.pt. The file follows the method: the loss, the reference
+patches, the networks, the training step, the schedules, checkpoints, the loop, the config, the command line.
 """
 import argparse
 import errno
@@ -14,20 +15,21 @@ import fcntl
 import json
 import math
 import os
-import random
 import signal
 import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from torch.profiler import record_function
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
@@ -37,301 +39,9 @@ from model import BACKBONE_NAMES, ProjectionHead, build_backbone
 from sort import diff_sort
 
 # -----------------------------------------------------------------------------
-# config: one YAML file, every key overridable with --set section.key=value
-
-
-class ConfigError(ValueError):
-    """A mistake in the config or on the command line: reported as one line, no traceback."""
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (too many bad steps in a row, a file that cannot be written): reported as one line."""
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM; a BaseException (as KeyboardInterrupt), so that no `except Exception` swallows it."""
-
-    def __init__(self, signum, message):
-        super().__init__(message)
-        self.signum = signum
-
-
-def _check_type(key, old, new):
-    if old is None or new is None:
-        return new
-    if isinstance(old, bool) or isinstance(new, bool):
-        if isinstance(old, bool) and isinstance(new, bool):
-            return new
-    elif isinstance(old, float) and isinstance(new, int):
-        return float(new)
-    elif isinstance(old, (int, float, str)) and type(new) is type(old):
-        return new
-    elif isinstance(old, list) and isinstance(new, list):
-        return new
-    elif isinstance(old, dict):
-        raise ConfigError(f"config key '{key}' is a section: set one of its keys ({key}.{next(iter(old), '...')}=...)")
-    raise ConfigError(f"config key '{key}' expects {type(old).__name__} (like {old!r}), got {new!r}")
-
-
-def set_key(cfg, dotted, value):
-    """Set cfg['a']['b'] = value for dotted = 'a.b', refusing keys the config does not have."""
-    *parents, last = dotted.split(".")
-    node = cfg
-    for i, part in enumerate(parents):
-        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-            raise ConfigError(f"unknown config key '{'.'.join(parents[:i + 1])}' (in '{dotted}')")
-        node = node[part]
-    if last not in node:
-        raise ConfigError(f"unknown config key '{dotted}'")
-    node[last] = _check_type(dotted, node[last], value)
-
-
-def dotted_items(tree, prefix=""):
-    """{'a': {'b': 1}} -> [('a.b', 1)]: a nested override section as --set pairs."""
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from dotted_items(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def parse_set(pair):
-    if "=" not in pair:
-        raise ConfigError(f"--set expects key=value, got '{pair}'")
-    key, text = pair.split("=", 1)
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string; a user means the number
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return key.strip(), value
-
-
-OVERRIDE_SECTIONS = ("demo", "eval.demo")  # sections of overrides, applied by name (train.py --demo, evaluate.py --demo)
-
-
-def load_config(path, sets=(), demo_section=None):
-    """Read the YAML config, remove the override sections, apply the one named demo_section ("demo", "eval.demo")
-    and then the --set pairs ('a.b=value')."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-        cfg = yaml.safe_load(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' not found (pass --config config.yaml from the repository)")
-    except OSError as e:
-        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"config file '{path}' is not UTF-8 text (line {line}): save it as UTF-8")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
-    overrides = {}
-    for name in OVERRIDE_SECTIONS:
-        *parents, last = name.split(".")
-        node = cfg
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        overrides[name] = node.pop(last, None) if isinstance(node, dict) else None
-    if demo_section:
-        prefix = demo_section.rpartition(".")[0]
-        for key, value in dotted_items(overrides[demo_section] or {}, prefix + "." if prefix else ""):
-            set_key(cfg, key, value)
-    for pair in sets:
-        set_key(cfg, *parse_set(pair))
-    return cfg
-
-
-def flatten_sets(groups):
-    """argparse gives --set a b --set c as [[a, b], [c]]."""
-    return [pair for group in (groups or []) for pair in group]
-
-
-def _int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v):
-    return (_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def _pair(ok):
-    return lambda v: isinstance(v, list) and len(v) == 2 and all(map(ok, v))
-
-
-def OPTIONAL(rule):
-    return rule[0] + " or null", lambda v: v is None or rule[1](v)
-
-
-def one_of(*options):
-    return "one of " + ", ".join(options), lambda v: v in options
-
-
-COUNT = "an integer >= 0", lambda v: _int(v) and v >= 0
-POSITIVE_INT = "an integer >= 1", lambda v: _int(v) and v >= 1
-PATCHES = "a positive multiple of the patch size 14", lambda v: _int(v) and v >= 14 and v % 14 == 0
-POSITIVE = "a number > 0", lambda v: _num(v) and v > 0
-NON_NEGATIVE = "a number >= 0", lambda v: _num(v) and v >= 0
-FRACTION = "a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1
-BELOW_ONE = "a number in [0, 1)", lambda v: _num(v) and 0 <= v < 1
-HALF = "a number in [0, 0.5)", lambda v: _num(v) and 0 <= v < 0.5  # the second global crop needs twice it
-BELOW_ONE_PAIR = "two numbers in [0, 1)", _pair(BELOW_ONE[1])
-SCALE = "[lo, hi] with 0 < lo <= hi <= 1", lambda v: _pair(lambda x: _num(x) and 0 < x <= 1)(v) and v[0] <= v[1]
-SHARE = "a number in (0, 1]", lambda v: _num(v) and 0 < v <= 1
-FLAG = "true or false", lambda v: isinstance(v, bool)
-TEXT = "a non-empty string", lambda v: isinstance(v, str) and v.strip() != ""
-
-# key -> (what its value must be, the check): every key train.py reads, checked before anything is loaded (the
-# sort keys are checked by diff_sort itself, below)
-CONFIG_RULES = {
-    "out_dir": TEXT, "seed": COUNT,
-    "model.arch": one_of(*BACKBONE_NAMES), "model.weights": OPTIONAL(TEXT),
-    "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.head_hidden": POSITIVE_INT,
-    "model.head_out": POSITIVE_INT, "model.head_layers": POSITIVE_INT,
-    "model.pos_embed_rule": one_of("neco", "dinov2"), "model.teacher_head": one_of("random", "copy"),
-    "data.root": TEXT, "data.global_size": PATCHES, "data.global_scale": SCALE, "data.local_size": PATCHES,
-    "data.local_scale": SCALE, "data.n_local": COUNT, "data.min_overlap": HALF, "data.num_workers": COUNT,
-    "data.augment_on_device": FLAG,
-    "neco.roi_size": POSITIVE_INT, "neco.references": one_of("queue", "batch"), "neco.queue_size": POSITIVE_INT,
-    "neco.num_references": POSITIVE_INT,
-    "optim.epochs": POSITIVE_INT, "optim.batch_size": POSITIVE_INT, "optim.lr_backbone": POSITIVE,
-    "optim.lr_head": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.weight_decay_end": NON_NEGATIVE,
-    "optim.momentum_teacher": FRACTION, "optim.momentum_teacher_end": FRACTION, "optim.clip_grad": NON_NEGATIVE,
-    "optim.betas": BELOW_ONE_PAIR,
-    "train.device": one_of("auto", "cpu", "cuda"), "train.precision": one_of("bf16", "fp32"),
-    "train.ckpt_every": POSITIVE_INT, "train.log_every": POSITIVE_INT, "train.max_bad_steps": POSITIVE_INT,
-    "train.max_steps": OPTIONAL(COUNT), "train.compile": FLAG,
-    "train.fused_attention": FLAG, "train.fused_adamw": FLAG, "train.grad_checkpointing": FLAG,
-    # evaluate.py
-    "eval.device": one_of("auto", "cpu", "cuda"), "eval.precision": one_of("fp32", "bf16"),
-    "eval.num_workers": COUNT, "eval.vis_images": COUNT, "eval.voc_train_split": one_of("trainaug", "train"),
-    "eval.roots.voc": TEXT, "eval.roots.ade20k": TEXT, "eval.roots.coco": TEXT,
-    "eval.incontext.protocol": one_of("hbird", "dip"), "eval.incontext.image_size": PATCHES,
-    "eval.incontext.memory_size": OPTIONAL(POSITIVE_INT), "eval.incontext.aug_epochs": COUNT,
-    "eval.incontext.k": POSITIVE_INT, "eval.incontext.temperature": OPTIONAL(POSITIVE),
-    "eval.incontext.fraction": SHARE, "eval.incontext.subset_file": OPTIONAL(TEXT), "eval.incontext.seed": COUNT,
-    "eval.incontext.batch_size": POSITIVE_INT, "eval.incontext.pos_embed_rule": one_of("dinov2", "neco"),
-    "eval.linear.image_size": PATCHES, "eval.linear.out_size": POSITIVE_INT, "eval.linear.train_aug": FLAG,
-    "eval.linear.epochs": POSITIVE_INT, "eval.linear.batch_size": POSITIVE_INT, "eval.linear.lr": POSITIVE,
-    "eval.linear.momentum": BELOW_ONE, "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.lr_step_epoch": COUNT,
-    "eval.linear.lr_gamma": POSITIVE, "eval.linear.coco_fraction": SHARE, "eval.linear.seed": COUNT,
-    "eval.linear.pos_embed_rule": one_of("dinov2", "neco"),
-    "eval.cluster.image_size": PATCHES, "eval.cluster.gt_size": POSITIVE_INT,
-    "eval.cluster.ks": ("a list of cluster counts (0: the number of classes)",
-                        lambda v: isinstance(v, list) and len(v) > 0 and all(map(COUNT[1], v))),
-    "eval.cluster.pca_dim": POSITIVE_INT, "eval.cluster.seeds": POSITIVE_INT, "eval.cluster.iters": COUNT,
-    "eval.cluster.redo": POSITIVE_INT, "eval.cluster.max_points_per_centroid": POSITIVE_INT,
-    "eval.cluster.batch_size": POSITIVE_INT, "eval.cluster.pos_embed_rule": one_of("dinov2", "neco"),
-}
-
-
-def get_key(cfg, dotted):
-    node = cfg
-    for i, part in enumerate(dotted.split(".")):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"config key '{dotted}' is missing (no '{'.'.join(dotted.split('.')[:i + 1])}' in the "
-                              f"config file; compare it with the repository's config.yaml)")
-        node = node[part]
-    return node
-
-
-def validate(cfg, prefix="", demo=False):
-    """Fail in the first second on a mistake that would otherwise surface after minutes of loading. prefix "eval."
-    checks the evaluation keys (evaluate.py), prefix "" the training ones and how they fit together (train.py)."""
-    for key, (what, ok) in CONFIG_RULES.items():
-        if key.startswith("eval.") != (prefix == "eval."):
-            continue
-        value = get_key(cfg, key)
-        if not ok(value):
-            raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
-    if prefix == "eval.":
-        s = cfg["eval"]["incontext"]
-        if s["subset_file"] is not None and not Path(s["subset_file"]).expanduser().is_file():
-            raise ConfigError(f"config key 'eval.incontext.subset_file' names {s['subset_file']}, which is not a "
-                              f"file: give a text file with one train image id per line")
-        if s["subset_file"] is not None and s["fraction"] != 1:
-            raise ConfigError("config key 'eval.incontext.fraction' must be 1 when eval.incontext.subset_file names "
-                              "the subset")
-        pick_device(cfg["eval"]["device"], "eval.device")
-        return
-    m, d, n, t = cfg["model"], cfg["data"], cfg["neco"], cfg["train"]
-    pick_device(t["device"], "train.device")
-    if n["references"] == "queue" and n["queue_size"] < n["num_references"]:
-        raise ConfigError("config key 'neco.queue_size' must be at least neco.num_references")
-    if n["references"] == "batch" and n["num_references"] > n["roi_size"] ** 2:
-        raise ConfigError("config key 'neco.num_references' must be <= neco.roi_size^2 in batch mode")
-    try:  # the sort's own argument checks, on a tiny input
-        for steepness in (n["student_steepness"], n["teacher_steepness"]):
-            diff_sort(torch.zeros(1, n["num_references"]), n["sort_network"], steepness, n["sort_distribution"],
-                      n["sort_art_lambda"])
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config section 'neco': {e}")
-    root = Path(d["root"])
-    if not root.is_dir() and not demo:
-        raise ConfigError(f"data.root '{root}' is not a folder: point data.root at COCO train2017 (or any folder "
-                          f"of images), e.g. --set data.root=/data/coco/images/train2017, or run with --demo")
-    weights = m["weights"]
-    if weights not in (None, "hub") and not Path(weights).is_file():
-        raise ConfigError(f"model.weights '{weights}' is not a file: give a DINOv2 state_dict file, 'hub' for the "
-                          f"official checkpoint, or null for random initialisation")
-
-# -----------------------------------------------------------------------------
-# the networks: backbone + projection head, applied to every patch token
-
-
-class NeCoModel(nn.Module):
-    """Backbone + head; state_dict keys 'backbone.*' and 'head.*' (evaluate.py and model.py read them)."""
-
-    def __init__(self, backbone, head):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, views):
-        """views: list of (B, 3, s, s) crops -> list of (B, s/14, s/14, out) projected patch maps.
-        Crops of the same size go through the backbone together (one call per size, as DINO's multi-crop wrapper)."""
-        outs = [None] * len(views)
-        for size in sorted({v.shape[-1] for v in views}, reverse=True):
-            idx = [i for i, v in enumerate(views) if v.shape[-1] == size]
-            x = torch.cat([views[i] for i in idx])  # (len(idx) * B, 3, s, s)
-            tokens = self.backbone.forward_features(x)["x_norm_patchtokens"]  # (len(idx) * B, N, D)
-            z = self.head(tokens)  # (len(idx) * B, N, out), unit norm
-            side = size // self.backbone.patch_size
-            for i, chunk in zip(idx, z.chunk(len(idx))):
-                outs[i] = chunk.unflatten(1, (side, side))  # (B, side, side, out)
-        return outs
-
-
-def build_models(cfg):
-    """Student and teacher start from the same backbone weights; the teacher's projection head is its own random
-    draw (model.teacher_head: random, as the public run) or a copy of the student's (copy). The teacher never gets
-    gradients; only the student has stochastic depth. Both resize pos_embed by model.pos_embed_rule."""
-    m = cfg["model"]
-    backbones = [build_backbone(m["arch"], weights, m["num_register_tokens"], rate, m["pos_embed_rule"])
-                 for weights, rate in ((m["weights"], m["drop_path_rate"]), (None, 0.0))]
-    student, teacher = [NeCoModel(b, ProjectionHead(b.embed_dim, m["head_hidden"], m["head_out"], m["head_layers"]))
-                        for b in backbones]  # the teacher's head is drawn after the student's
-    teacher.backbone.load_state_dict(student.backbone.state_dict())
-    if m["teacher_head"] == "copy":
-        teacher.head.load_state_dict(student.head.state_dict())
-    teacher.requires_grad_(False)
-    # DINOv2's mask_token is only used by iBOT masking, never here: a parameter without a gradient would stall
-    # DistributedDataParallel's gradient buckets, so it stays frozen (and unchanged in the checkpoint)
-    student.backbone.mask_token.requires_grad_(False)
-    return student, teacher
-
-
-# -----------------------------------------------------------------------------
-# the NeCo loss
-
+# the NeCo loss: for each pair (g, v) of a global crop g and another crop v, the patches of the region both show are
+# sorted by their similarity to reference patches; the student's soft ordering learns the teacher's
+ROI_SAMPLING = -1  # roi_align's adaptive default, as the public run: ceil(bin side) samples per bin side
 
 def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
     """RoI-align teacher crop g and student crop v over their intersection -> (B, roi_size^2, out) each, at least
@@ -341,33 +51,13 @@ def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
     map_t, map_s = (m.float() if m.element_size() < 4 else m for m in (maps_t[g], maps_s[v]))
     roi_g, roi_v = crop_intersection_rois(boxes[:, g], boxes[:, v], map_t.shape[1], map_s.shape[1])
     batch_idx = torch.arange(B, device=boxes.device, dtype=boxes.dtype)[:, None]
-    rois_t, rois_s = (torch.cat([batch_idx, roi], 1).to(m.dtype) for roi, m in ((roi_g, map_t), (roi_v, map_s)))
-    q_t = roi_align(map_t.permute(0, 3, 1, 2), rois_t, roi_size,
-                    spatial_scale=1.0, sampling_ratio=ROI_SAMPLING, aligned=True)  # (B, out, r, r)
-    q_s = roi_align(map_s.permute(0, 3, 1, 2), rois_s, roi_size,
-                    spatial_scale=1.0, sampling_ratio=ROI_SAMPLING, aligned=True)
-    return q_t.flatten(2).transpose(1, 2), q_s.flatten(2).transpose(1, 2)  # (B, r*r, out)
-
-
-ROI_SAMPLING = -1  # roi_align's adaptive default, as the public run: ceil(bin side) samples per bin side
-
-
-def sort_cross_entropy(sim_s, sim_t, ncfg):
-    """sim_*: (R, n) similarities of R queries to n references. Sort both, each with its network's steepness;
-    cross-entropy of the student's relaxed permutation matrices against the teacher's, summed over ranks, averaged
-    over queries and references."""
-    # check_finite=False: no host sync for a NaN check; non-finite similarities give a non-finite loss, and
-    # train_step skips that step on the device
-    kw = dict(network=ncfg["sort_network"], distribution=ncfg["sort_distribution"],
-              art_lambda=ncfg["sort_art_lambda"], check_finite=False)
-    with torch.no_grad():
-        _, P_t = diff_sort(sim_t, steepness=ncfg["teacher_steepness"], **kw)  # (R, n, n)
-    _, P_s = diff_sort(sim_s, steepness=ncfg["student_steepness"], **kw)
-    # P can hold exact zeros (logistic at high steepness underflows); clamping at the smallest normal float keeps
-    # log finite and leaves every entry that is not already denormal unchanged.
-    log_P_s = torch.log(P_s.clamp_min(torch.finfo(P_s.dtype).tiny))
-    return -(P_t * log_P_s).sum(-1).mean()
-
+    queries = []
+    for m, roi in ((map_t, roi_g), (map_s, roi_v)):
+        rois = torch.cat([batch_idx, roi], 1).to(m.dtype)  # (B, 5): image index, x1, y1, x2, y2 in map cells
+        q = roi_align(m.permute(0, 3, 1, 2), rois, roi_size, spatial_scale=1.0, sampling_ratio=ROI_SAMPLING,
+                      aligned=True)  # (B, out, r, r)
+        queries.append(q.flatten(2).transpose(1, 2))  # (B, r*r, out)
+    return queries
 
 def pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg):
     """maps_t: 2 teacher maps (B, h, w, out); maps_s: V student maps; boxes (B, V, 4) in image pixels.
@@ -386,17 +76,31 @@ def pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg):
     n_ref = sims_s[0].shape[-1]
     return torch.cat(sims_s).reshape(-1, n_ref), torch.cat(sims_t).reshape(-1, n_ref)
 
+def sort_cross_entropy(sim_s, sim_t, ncfg):
+    """sim_*: (R, n) similarities of R queries to n references. Sort both, each with its network's steepness;
+    cross-entropy of the student's relaxed permutation matrices against the teacher's, summed over ranks, averaged
+    over queries and references."""
+    # check_finite=False: no host sync for a NaN check; non-finite similarities give a non-finite loss, and
+    # train_step skips that step on the device
+    kw = dict(network=ncfg["sort_network"], distribution=ncfg["sort_distribution"],
+              art_lambda=ncfg["sort_art_lambda"], check_finite=False)
+    with torch.no_grad():
+        _, P_t = diff_sort(sim_t, steepness=ncfg["teacher_steepness"], **kw)  # (R, n, n)
+    _, P_s = diff_sort(sim_s, steepness=ncfg["student_steepness"], **kw)
+    # P can hold exact zeros (logistic at high steepness underflows); clamping at the smallest normal float keeps
+    # log finite and leaves every entry that is not already denormal unchanged
+    log_P_s = torch.log(P_s.clamp_min(torch.finfo(P_s.dtype).tiny))
+    return -(P_t * log_P_s).sum(-1).mean()
 
 def neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg):
     """The mean over the 10 (g, v) pairs of the sort cross-entropy: all pairs go through one sort call, and every
     pair has B*Q rows, so the mean over rows is the mean over pairs."""
     return sort_cross_entropy(*pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg), ncfg)
 
-
 # -----------------------------------------------------------------------------
-# reference patches: a FIFO queue of teacher patches per global crop, or the batch itself
-
-
+# reference patches: a FIFO queue of teacher patches per global crop, or the batch itself. Under torchrun every rank
+# draws the same random numbers for the whole (global) batch from the shared generator and keeps its slice, so N
+# ranks reproduce the single-process step exactly
 class PatchQueue:
     """queue[g] holds the latest teacher head embeddings of global crop g (FIFO). Only filled rows are sampled."""
 
@@ -434,52 +138,134 @@ class PatchQueue:
         self.feats.copy_(state["feats"])
         self.ptr, self.filled = list(state["ptr"]), list(state["filled"])
 
+def distributed():
+    return dist.is_available() and dist.is_initialized()
 
 def all_gather_cat(x):
     """Concatenate x over ranks in rank order (identity without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
-
-def sum_over_ranks(counts, device):
-    """Host ints of this rank -> their elementwise sums over the ranks (one all_reduce; unchanged in one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return counts
-    total = torch.tensor(counts, device=device)
-    dist.all_reduce(total)
-    return total.tolist()
-
-
 def rank_slice(x, B):
-    """This rank's rows of a tensor drawn for the whole (global) batch: every rank draws the same random numbers
-    from the shared generator and keeps its part, so N ranks reproduce the single-process step exactly."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This rank's B rows of a tensor drawn for the whole batch."""
+    rank = dist.get_rank() if distributed() else 0
     return x[rank * B:(rank + 1) * B]
 
-
 def make_reference_sampler(ncfg, queue, gen, B):
+    """refs_for_pair(g, q_t) -> (B, num_references, out): this rank's references for global crop g."""
     n_ref = ncfg["num_references"]
 
     def from_queue(g, q_t):
-        global_B = B * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
-        return rank_slice(queue.sample(g, global_B, n_ref, gen), B)  # (B, n_ref, out)
+        global_B = B * (dist.get_world_size() if distributed() else 1)
+        return rank_slice(queue.sample(g, global_B, n_ref, gen), B)
 
     def from_batch(g, q_t):
         pool = all_gather_cat(q_t.detach()).flatten(0, 1)  # (global_B * Q, out): mostly other images' patches
         global_B = pool.shape[0] // q_t.shape[1]
         pick = torch.randperm(pool.shape[0], generator=gen, device=gen.device)[:global_B * n_ref]
-        return rank_slice(pool[pick.to(pool.device)].unflatten(0, (global_B, n_ref)), B)  # (B, n_ref, out)
+        return rank_slice(pool[pick.to(pool.device)].unflatten(0, (global_B, n_ref)), B)
 
     return from_queue if ncfg["references"] == "queue" else from_batch
 
+# -----------------------------------------------------------------------------
+# the networks: backbone + projection head, applied to every patch token
+class NeCoModel(nn.Module):
+    """Backbone + head; state_dict keys 'backbone.*' and 'head.*' (evaluate.py and model.py read them)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views):
+        """views: list of (B, 3, s, s) crops -> list of (B, s/14, s/14, out) projected patch maps.
+        Crops of the same size go through the backbone together (one call per size, as DINO's multi-crop wrapper)."""
+        outs = [None] * len(views)
+        for size in sorted({v.shape[-1] for v in views}, reverse=True):
+            idx = [i for i, v in enumerate(views) if v.shape[-1] == size]
+            x = torch.cat([views[i] for i in idx])  # (len(idx) * B, 3, s, s)
+            tokens = self.backbone.forward_features(x)["x_norm_patchtokens"]  # (len(idx) * B, N, D)
+            z = self.head(tokens)  # (len(idx) * B, N, out), unit norm
+            side = size // self.backbone.patch_size
+            for i, chunk in zip(idx, z.chunk(len(idx))):
+                outs[i] = chunk.unflatten(1, (side, side))  # (B, side, side, out)
+        return outs
+
+def build_models(cfg):
+    """Student and teacher start from the same backbone weights; the teacher's projection head is its own random
+    draw (model.teacher_head: random, as the public run) or a copy of the student's (copy). The teacher never gets
+    gradients; only the student has stochastic depth. Both resize pos_embed by model.pos_embed_rule."""
+    m = cfg["model"]
+    backbones = [build_backbone(m["arch"], weights, m["num_register_tokens"], rate, m["pos_embed_rule"])
+                 for weights, rate in ((m["weights"], m["drop_path_rate"]), (None, 0.0))]
+    student, teacher = [NeCoModel(b, ProjectionHead(b.embed_dim, m["head_hidden"], m["head_out"], m["head_layers"]))
+                        for b in backbones]  # the teacher's head is drawn after the student's
+    teacher.backbone.load_state_dict(student.backbone.state_dict())
+    if m["teacher_head"] == "copy":
+        teacher.head.load_state_dict(student.head.state_dict())
+    teacher.requires_grad_(False)
+    # DINOv2's mask_token is only used by iBOT masking, never here: a parameter without a gradient would stall
+    # DistributedDataParallel's gradient buckets, so it stays frozen (and unchanged in the checkpoint)
+    student.backbone.mask_token.requires_grad_(False)
+    return student, teacher
+
+# -----------------------------------------------------------------------------
+# the training step. It never waits for the GPU: the loss and its "finite" flag stay on the device, and a
+# non-finite step is skipped there. The phases are named for the profiler (python bench.py train)
+def augment_views(crops, gen, per_rank):
+    """uint8 crops of every view (B, 3, s, s) -> photometrically augmented, normalised float crops, on their device
+    (data.augment_batch), with the parameters drawn for the global batch (per_rank images per rank)."""
+    world = dist.get_world_size() if distributed() else 1
+    with record_function("augment"):
+        return [augment_batch(view, {key: rank_slice(value, per_rank)
+                                     for key, value in photometric_params(per_rank * world, gen).items()})
+                for view in crops]
+
+def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
+               momentum):
+    """One NeCo step on crops (2 global + local views, (B, 3, s, s) each) with their boxes (B, V, 4); model is the
+    student or its DistributedDataParallel wrapper. Returns (loss, finite) as device tensors; a loss that is not
+    finite on every rank leaves student, teacher and optimizer untouched."""
+    with record_function("teacher"), torch.no_grad(), autocast:
+        maps_t = teacher(crops[:2])  # 2 x (B, h, w, out): the teacher sees the global crops only
+        if cfg["neco"]["references"] == "queue":  # this step's patches go in before the draw, as the public code
+            for g, (_, h, w, _) in enumerate(m.shape for m in maps_t):
+                patches = all_gather_cat(maps_t[g].flatten(0, 2))  # (global_B * h * w, out)
+                queue.push(g, patches, 10 * (patches.shape[0] // (h * w)), gen)  # 10 x global_B rows
+    with record_function("student"), autocast:
+        maps_s = model(crops)  # V x (B, h_v, w_v, out): the student sees every crop
+    with record_function("loss"):
+        loss = neco_loss(maps_t, maps_s, boxes, refs_for_pair, cfg["neco"])
+        finite = torch.isfinite(loss)
+        if distributed():  # every rank skips together
+            finite = finite.float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            finite = finite > 0
+    with record_function("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with record_function("update"):
+        # EMA towards the student as it was before this step (the public code updates its teacher before the
+        # optimizer step): teacher += w * (student - teacher), w = 1 - m, or 0 on a skipped step (on the device)
+        t_params = list(teacher.parameters())
+        delta = torch._foreach_sub([p.detach() for p in student.parameters()], t_params)
+        torch._foreach_mul_(delta, (1.0 - momentum) * finite.float())
+        torch._foreach_add_(t_params, delta)
+        if cfg["optim"]["clip_grad"] > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["optim"]["clip_grad"], foreach=True)
+        if optimizer.defaults.get("fused"):
+            # the fused AdamW kernel skips its update on the device when found_inf is set (GradScaler's mechanism)
+            optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+            optimizer.step()
+        elif finite.item():  # unfused optimizer: decide on the host
+            optimizer.step()
+    return loss.detach(), finite
 
 # -----------------------------------------------------------------------------
 # optimizer and per-step schedules
-
-
 def param_groups(student, cfg):
     """Four AdamW groups: backbone / head x decay / no decay (biases and 1-D parameters: norms, LayerScale)."""
     o = cfg["optim"]
@@ -492,11 +278,14 @@ def param_groups(student, cfg):
         groups.append({"params": no_decay, "base_lr": lr, "apply_wd": False, "weight_decay": 0.0})
     return groups
 
+def make_optimizer(student, cfg):
+    o = cfg["optim"]
+    return torch.optim.AdamW(param_groups(student, cfg), lr=o["lr_backbone"], betas=tuple(o["betas"]),
+                             weight_decay=o["weight_decay"], fused=cfg["train"]["fused_adamw"])
 
 def cosine(start, end, step, total):
     """Cosine from start (step 0) to end (step total), per step."""
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / total))
-
 
 def schedules(cfg, step, total):
     o = cfg["optim"]
@@ -504,32 +293,30 @@ def schedules(cfg, step, total):
             "wd": cosine(o["weight_decay"], o["weight_decay_end"], step, total),
             "momentum": cosine(o["momentum_teacher"], o["momentum_teacher_end"], step, total)}
 
+def set_schedule(optimizer, cfg, step, total):
+    """Set the learning rates and weight decays of this step; returns the schedule values."""
+    sched = schedules(cfg, step, total)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * sched["lr_scale"]
+        if group["apply_wd"]:
+            group["weight_decay"] = sched["wd"]
+    return sched
 
 # -----------------------------------------------------------------------------
-# checkpoints: everything needed to continue bit for bit, written atomically
-
+# checkpoints: everything needed to continue bit for bit, written atomically. Nothing in training draws from
+# Python's or numpy's generators (the loader's crops come from torch under per-sample seeds), so torch's are saved
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many bad steps in a row, a file that cannot be written): reported as one line."""
 
 def rng_state(gen):
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(), "numpy": np_state_to_tensor(), "shared": gen.get_state()}
-
-
-def np_state_to_tensor():
-    # numpy's state tuple holds an ndarray: store plain types so the file loads with weights_only=True
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
+            "shared": gen.get_state()}
 
 def set_rng_state(state, gen):
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    s = state["numpy"]
-    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
     gen.set_state(state["shared"])
-
 
 def disk_error(e, path):
     """The OSError in e's chain (torch.save wraps it in a RuntimeError) as one line naming path; None if none."""
@@ -540,7 +327,6 @@ def disk_error(e, path):
     if e.errno == errno.ENOSPC:
         return f"no space left on {path.parent} (writing {path.name}): free some space, then re-run to resume"
     return f"cannot write {path} ({e.strerror or e}): fix the folder or choose another out_dir, then re-run"
-
 
 def write_atomic(path, write, commit=True):
     """write(f) into path.tmp and fsync it; with commit, rename it over path and fsync the folder, so that a kill
@@ -561,7 +347,6 @@ def write_atomic(path, write, commit=True):
             raise TrainingStopped(message) from None
         raise
 
-
 def commit_atomic(path):
     """Rename path.tmp (written and fsynced by write_atomic) over path, then fsync the folder (the rename itself)."""
     try:
@@ -572,11 +357,9 @@ def commit_atomic(path):
     except OSError as e:
         raise TrainingStopped(disk_error(e, path)) from None
 
-
 def save_checkpoint(path, state, commit=True):
     """Atomic torch.save (write_atomic); without commit it stays in path.tmp until commit_atomic(path)."""
     write_atomic(path, lambda f: torch.save(state, f), commit)
-
 
 def load_checkpoint(path):
     try:
@@ -584,12 +367,10 @@ def load_checkpoint(path):
     except Exception as e:
         raise ConfigError(f"checkpoint '{path}' cannot be read ({type(e).__name__}); move it away to start afresh")
 
-
 # keys a resume may change (with their sub-keys): where and how fast the run goes, and the learning rates (the advice
 # after a non-finite stop); every other key defines the run and must match the checkpoint's (config.yaml's header)
 RESUME_MAY_CHANGE = ("out_dir", "eval", "model.weights", "data.num_workers", "data.augment_on_device",
                      "optim.lr_backbone", "optim.lr_head", "optim.clip_grad", "train")
-
 
 def check_same_run(ckpt_cfg, cfg, path):
     """Refuse a resume whose run-defining settings differ: a changed batch size, seed or data set would otherwise
@@ -602,7 +383,6 @@ def check_same_run(ckpt_cfg, cfg, path):
     if changed:
         raise ConfigError(f"'{path}' holds a run with other settings ({', '.join(changed)}): re-run with its "
                           f"values, or start afresh with another out_dir (or move {path} away)")
-
 
 def trim_log(log_path, step):
     """Keep the log lines of steps up to the checkpoint's (later ones are recomputed; no checkpoint: a fresh log)
@@ -617,9 +397,7 @@ def trim_log(log_path, step):
                         continue
                     if keep:
                         out.write(line.rstrip(b"\n") + b"\n")
-
     write_atomic(log_path, write)
-
 
 def lock_out_dir(out_dir):
     """Create out_dir, check that files can be created in it, and hold an exclusive lock on out_dir/train.lock for
@@ -645,11 +423,52 @@ def lock_out_dir(out_dir):
     lock.flush()
     return lock
 
-
 # -----------------------------------------------------------------------------
-# data: the batch order is a function of (seed, epoch) and each sample's crops of (seed, epoch, index), so a resumed
-# run sees exactly the batches an uninterrupted one would
+# the loop. The batch order is a function of (seed, epoch) and each sample's crops of (seed, epoch, index), so a
+# resumed run sees exactly the batches an uninterrupted one would
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM; a BaseException (as KeyboardInterrupt), so that no `except Exception` swallows it."""
 
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+class StopRequest:
+    """The SIGINT/SIGTERM handler: before the loop it stops at once; in the loop the current step ends, then the
+    run saves (under torchrun the ranks agree on the step first)."""
+
+    def __init__(self):
+        self.signum, self.in_loop = 0, False
+
+    def __call__(self, signum, frame):
+        self.signum = self.signum or signum
+        if not self.in_loop:
+            raise Interrupted(signum, "before the first step (nothing new to save)")
+
+def setup_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single-process run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+def sum_over_ranks(counts, device):
+    """Host ints of this rank -> their elementwise sums over the ranks (one all_reduce; unchanged in one process)."""
+    if not distributed():
+        return counts
+    total = torch.tensor(counts, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+def agreed_stop(signum, device):
+    """The signal number any rank received (0: none), the same on every rank, so that all stop at the same step."""
+    if not distributed():
+        return signum
+    flag = torch.tensor([signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 def epoch_batches(n_images, batch, epoch, seed, start, rank, world):
     """Index lists of this rank's share of each global batch of the epoch, from batch `start` on (drop last)."""
@@ -659,6 +478,11 @@ def epoch_batches(n_images, batch, epoch, seed, start, rank, world):
     return [order[b * batch + rank * per_rank: b * batch + (rank + 1) * per_rank]
             for b in range(start, n_images // batch)]
 
+def ignore_stop_signals(worker_id):
+    """Ctrl-C and schedulers signal the whole process group: the loader workers leave SIGINT/SIGTERM to the main
+    process, which saves and then ends them (a worker killed mid-step would abort the step with an error)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 def make_loader(dataset, batches, cfg, device):
     workers = cfg["data"]["num_workers"]
@@ -667,35 +491,6 @@ def make_loader(dataset, batches, cfg, device):
         pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
         generator=torch.Generator(),  # its own generator: the loader never draws from the global RNG
         worker_init_fn=ignore_stop_signals)
-
-
-def ignore_stop_signals(worker_id):
-    """Ctrl-C and schedulers signal the whole process group: the loader workers leave SIGINT/SIGTERM to the main
-    process, which saves and then ends them (a worker killed mid-step would abort the step with an error)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-# -----------------------------------------------------------------------------
-# the loop
-
-
-def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single-process run."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def make_optimizer(student, cfg):
-    o = cfg["optim"]
-    return torch.optim.AdamW(param_groups(student, cfg), lr=o["lr_backbone"], betas=tuple(o["betas"]),
-                             weight_decay=o["weight_decay"], fused=cfg["train"]["fused_adamw"])
-
 
 def speed_settings(student, teacher, cfg, compile_backend="inductor"):
     """The train.* switches that change speed and memory, not the method: attention kernel, activation
@@ -709,315 +504,437 @@ def speed_settings(student, teacher, cfg, compile_backend="inductor"):
             for block in net.backbone.blocks:
                 block.compile(backend=compile_backend)
 
-
 def make_autocast(cfg, device):
     """bf16 autocast of the networks on CUDA (train.precision bf16); a no-op context otherwise."""
     return torch.autocast("cuda", dtype=torch.bfloat16,
                           enabled=device.type == "cuda" and cfg["train"]["precision"] == "bf16")
 
+class Pending(NamedTuple):
+    """A step whose loss and finite flag are still on the device, read at the next log point."""
+    step: int
+    epoch: int
+    sched: dict
+    loss: torch.Tensor
+    finite: torch.Tensor
+    n_unreadable: int
 
-def pick_device(want, key="train.device"):
-    """auto | cpu | cuda -> the torch.device (auto: cuda when a GPU is visible)."""
-    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"config key '{key}' is cuda but no GPU is visible (use auto or cpu)")
-    return torch.device("cuda", torch.cuda.current_device())
+@dataclass
+class Run:
+    """What the loop's small functions share: the run's objects, its files and its counters."""
+    cfg: dict
+    student: nn.Module
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    queue: PatchQueue
+    gen: torch.Generator  # queue and reference draws, on-device augmentation: the same on all ranks
+    device: torch.device
+    dataset: TrainImages
+    is_main: bool
+    total_steps: int  # the schedules span them
+    stop_step: int  # train.max_steps, or total_steps
+    ckpt_path: Path
+    log_path: Path
+    step: int = 0  # the checkpointed counters: step .. elapsed_s
+    skipped_images: int = 0
+    bad_steps: int = 0
+    elapsed_s: float = 0.0
+    bad_in_a_row: int = 0
+    kept_step: Optional[int] = None  # the step of last.pt (None: no checkpoint)
+    unverified: Optional[int] = None  # the step of last.pt.tmp, kept once a later step's loss is finite
+    losses: list = field(default_factory=list)  # the finite losses of this session
+    pending: list = field(default_factory=list)  # Pending steps
+    t_last: float = 0.0
+    log: object = None
+    bar: object = None
 
-
-def agreed_stop(signum, device):
-    """The signal number any rank received (0: none), the same on every rank, so that all stop at the same step."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return signum
-    flag = torch.tensor([signum], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
-
-
-def train(cfg, demo=False):
-    """The run, with out_dir locked (rank 0) and SIGINT/SIGTERM turned into a checkpoint and an Interrupted."""
-    rank, world = setup_distributed()
-    lock = lock_out_dir(Path(cfg["out_dir"])) if rank == 0 else None
-    stop = {"signal": 0, "in_loop": False}
-
-    def on_signal(signum, frame):
-        stop["signal"] = stop["signal"] or signum
-        if not stop["in_loop"]:  # nothing trained yet: stop at once
-            raise Interrupted(signum, "before the first step (nothing new to save)")
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return run_training(cfg, demo, rank, world, stop)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if lock:
-            lock.close()
-
-
-def run_training(cfg, demo, rank, world, stop):
-    is_main = rank == 0
-    o, ncfg, d = cfg["optim"], cfg["neco"], cfg["data"]
+def start_run(cfg, demo, rank, world):
+    """The run's data, models, optimizer and queue, continued from <out_dir>/last.pt when there is one (its settings
+    are checked before the data and the models are loaded)."""
+    o, d, mx = cfg["optim"], cfg["data"], cfg["train"]["max_steps"]
     if o["batch_size"] % world:
         raise ConfigError(f"optim.batch_size {o['batch_size']} must be divisible by the {world} processes")
     device = pick_device(cfg["train"]["device"])
     torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
     out_dir = Path(cfg["out_dir"])
-    ckpt_path, log_path = out_dir / "last.pt", out_dir / "log.jsonl"
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-    if ckpt:  # before the data and the model are loaded
-        check_same_run(ckpt["config"], cfg, ckpt_path)
-
+    ckpt = load_checkpoint(out_dir / "last.pt") if (out_dir / "last.pt").is_file() else None
+    if ckpt:
+        check_same_run(ckpt["config"], cfg, out_dir / "last.pt")
     if demo:  # the synthetic scenes of data.py, in data/synthetic/ (rewritten unless a previous call completed)
         make_synthetic_voc()
     transform = MultiCrop(d["global_size"], d["local_size"], tuple(d["global_scale"]), tuple(d["local_scale"]),
                           d["n_local"], d["min_overlap"], on_device=d["augment_on_device"])
     dataset = TrainImages(d["root"], transform, seed=cfg["seed"])
-    iters_per_epoch = len(dataset) // o["batch_size"]
-    if iters_per_epoch == 0:
+    if len(dataset) < o["batch_size"]:
         raise ConfigError(f"data.root '{d['root']}' has {len(dataset)} images, fewer than optim.batch_size "
                           f"{o['batch_size']}")
-    total_steps = o["epochs"] * iters_per_epoch
-    max_steps = cfg["train"]["max_steps"]
-    stop_step = total_steps if max_steps is None else min(total_steps, max_steps)  # 0: save the start and stop
-
+    total = o["epochs"] * (len(dataset) // o["batch_size"])
     try:
         student, teacher = build_models(cfg)
     except (ValueError, RuntimeError) as e:  # unknown arch, checkpoint keys that do not match the arch
         raise ConfigError(f"model: {e}")
-    student.to(device).train()
-    teacher.to(device).eval()
-    use_cuda = device.type == "cuda"
-    optimizer = make_optimizer(student, cfg)
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # queue and reference draws, same on all ranks
-    queue = PatchQueue(ncfg["queue_size"], cfg["model"]["head_out"], device)
-
-    step, skipped_images, bad_steps, bad_in_a_row, elapsed = 0, 0, 0, 0, 0.0
+    run = Run(cfg, student.to(device).train(), teacher.to(device).eval(), make_optimizer(student, cfg),
+              PatchQueue(cfg["neco"]["queue_size"], cfg["model"]["head_out"], device),
+              torch.Generator(device=device).manual_seed(cfg["seed"]), device, dataset, rank == 0, total,
+              total if mx is None else min(total, mx), out_dir / "last.pt", out_dir / "log.jsonl")
     if ckpt:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, fresh in zip(optimizer.param_groups, param_groups(student, cfg)):
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, fresh in zip(run.optimizer.param_groups, param_groups(student, cfg)):
             group["base_lr"] = fresh["base_lr"]  # the learning rates may change on resume (RESUME_MAY_CHANGE)
-        queue.load_state_dict(ckpt["queue"])
-        set_rng_state(ckpt["rng"], gen)
-        step, skipped_images, bad_steps = ckpt["step"], ckpt["skipped_images"], ckpt["bad_steps"]
-        elapsed = ckpt["elapsed_s"]
-        if is_main:
-            print(f"resuming from {ckpt_path} at step {step}/{total_steps}")
-    if is_main:
-        trim_log(log_path, step)  # no checkpoint: a fresh log (a run that never saved left nothing to continue)
-    kept_step, unverified = (step if ckpt else None), None  # the steps of last.pt and of last.pt.tmp
-    del ckpt
+        run.queue.load_state_dict(ckpt["queue"])
+        set_rng_state(ckpt["rng"], run.gen)
+        run.step = run.kept_step = ckpt["step"]
+        run.skipped_images, run.bad_steps, run.elapsed_s = ckpt["skipped_images"], ckpt["bad_steps"], ckpt["elapsed_s"]
+        if run.is_main:
+            print(f"resuming from {run.ckpt_path} at step {run.step}/{total}")
+    if run.is_main:
+        trim_log(run.log_path, run.step)  # no checkpoint: a fresh log (a run that never saved left nothing to continue)
+    return run
 
-    model = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if use_cuda else None)
-    speed_settings(student, teacher, cfg)
-    autocast = make_autocast(cfg, device)
-    refs_for_pair = make_reference_sampler(ncfg, queue, gen, o["batch_size"] // world)
+def save(run, commit):
+    """Write last.pt.tmp; with commit (the end, a signal) rename it to last.pt at once, otherwise flush_log does
+    once a later step has had a finite loss with these weights: after lr 1e6 the first step's loss is finite and
+    its update wrecks the (finite) weights, which must not become the last.pt the advice resumes from."""
+    if run.is_main:
+        save_checkpoint(run.ckpt_path, {
+            "student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "queue": run.queue.state_dict(), "rng": rng_state(run.gen),
+            "step": run.step, "config": run.cfg, "skipped_images": run.skipped_images, "bad_steps": run.bad_steps,
+            "elapsed_s": run.elapsed_s}, commit)
+    run.kept_step, run.unverified = (run.step, None) if commit else (run.kept_step, run.step)
 
-    def checkpoint(commit):
-        """Write last.pt.tmp; with commit (the end, a signal) rename it to last.pt at once, otherwise flush_log does
-        once a later step has had a finite loss with these weights: after lr 1e6 the first step's loss is finite
-        and its update wrecks the (finite) weights, which must not become the last.pt the advice resumes from."""
-        nonlocal kept_step, unverified
-        if is_main:
-            save_checkpoint(ckpt_path, {
-                "student": student.state_dict(), "teacher": teacher.state_dict(),
-                "optimizer": optimizer.state_dict(), "queue": queue.state_dict(), "rng": rng_state(gen),
-                "step": step, "config": cfg, "skipped_images": skipped_images, "bad_steps": bad_steps,
-                "elapsed_s": elapsed}, commit)
-        kept_step, unverified = (step, None) if commit else (kept_step, step)
+def flush_log(run):
+    """Read the pending losses from the device (one transfer), write their log lines, count unreadable images and
+    non-finite steps, keep last.pt.tmp once a later step was finite; stop after train.max_bad_steps in a row."""
+    if not run.pending:
+        return
+    o = run.cfg["optim"]
+    values = torch.stack([torch.stack([p.loss.float(), p.finite.float()]) for p in run.pending]).tolist()
+    unreadable = sum_over_ranks([p.n_unreadable for p in run.pending], run.device)
+    now = time.time()
+    img_per_s = len(run.pending) * o["batch_size"] / max(now - run.t_last, 1e-9)
+    run.elapsed_s, run.t_last, verified = run.elapsed_s + now - run.t_last, now, False
+    try:
+        for p, (loss, finite), n_unreadable in zip(run.pending, values, unreadable):
+            run.skipped_images += n_unreadable
+            if finite:
+                run.bad_in_a_row = 0
+                run.losses.append(loss)
+                verified |= run.unverified is not None and p.step > run.unverified
+            else:
+                run.bad_steps += 1
+                run.bad_in_a_row += 1
+            if run.is_main:
+                run.log.write(json.dumps({
+                    "step": p.step, "epoch": p.epoch, "loss": loss if finite else None,
+                    "lr": o["lr_backbone"] * p.sched["lr_scale"], "lr_head": o["lr_head"] * p.sched["lr_scale"],
+                    "wd": p.sched["wd"], "momentum": p.sched["momentum"], "img_per_s": round(img_per_s, 2),
+                    "skipped_images": run.skipped_images, "bad_steps": run.bad_steps}) + "\n")
+        if run.is_main:
+            run.log.flush()
+    except OSError as e:
+        raise TrainingStopped(disk_error(e, run.log_path)) from None
+    lr = o["lr_backbone"] * run.pending[-1].sched["lr_scale"]
+    run.pending.clear()
+    if verified:  # the weights of last.pt.tmp have given a finite loss: they become last.pt
+        if run.is_main:
+            os.fsync(run.log.fileno())
+            commit_atomic(run.ckpt_path)
+        run.kept_step, run.unverified = run.unverified, None
+    run.bar.set_postfix(loss=f"{run.losses[-1]:.4f}" if run.losses else "-", lr=f"{lr:.2e}",
+                        img_s=f"{img_per_s:.1f}", refresh=False)
+    if run.bad_in_a_row >= run.cfg["train"]["max_bad_steps"]:
+        if run.is_main:
+            run.ckpt_path.with_name(run.ckpt_path.name + ".tmp").unlink(missing_ok=True)
+        kept = f"{run.ckpt_path} keeps step {run.kept_step}" if run.kept_step is not None else "no checkpoint was kept"
+        raise TrainingStopped(f"{run.bad_in_a_row} steps in a row had a non-finite loss (step {run.step}); {kept}: "
+                              f"re-run with a lower optim.lr_backbone (and lr_head)")
 
-    # The step never waits for the GPU: losses and "was it finite" flags stay on the device and are read once per
-    # train.log_every steps, when the log lines are written.
-    pending = []  # (step, epoch, schedule values, loss tensor, finite tensor, unreadable files met by this rank)
-
-    def flush_log():
-        nonlocal bad_steps, bad_in_a_row, t_last, elapsed, kept_step, unverified, skipped_images
-        if not pending:
-            return
-        values = torch.stack([torch.stack([p[3].float(), p[4].float()]) for p in pending]).tolist()
-        unreadable = sum_over_ranks([p[5] for p in pending], device)
-        now = time.time()
-        img_per_s = len(pending) * o["batch_size"] / max(now - t_last, 1e-9)
-        elapsed += now - t_last
-        t_last = now
-        verified = False
-        try:
-            for (s, epoch, sched, *_), (loss, finite), n_unreadable in zip(pending, values, unreadable):
-                skipped_images += n_unreadable
-                if finite:
-                    bad_in_a_row = 0
-                    losses.append(loss)
-                    verified |= unverified is not None and s > unverified
-                else:
-                    bad_steps += 1
-                    bad_in_a_row += 1
-                if is_main:
-                    log.write(json.dumps({
-                        "step": s, "epoch": epoch, "loss": loss if finite else None,
-                        "lr": o["lr_backbone"] * sched["lr_scale"], "lr_head": o["lr_head"] * sched["lr_scale"],
-                        "wd": sched["wd"], "momentum": sched["momentum"], "img_per_s": round(img_per_s, 2),
-                        "skipped_images": skipped_images, "bad_steps": bad_steps}) + "\n")
-            if is_main:
-                log.flush()
-        except OSError as e:
-            raise TrainingStopped(disk_error(e, log_path)) from None
-        pending.clear()
-        if verified:  # the weights of last.pt.tmp have given a finite loss: they become last.pt
-            if is_main:
-                os.fsync(log.fileno())
-                commit_atomic(ckpt_path)
-            kept_step, unverified = unverified, None
-        if is_main:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}" if losses else "-",
-                            lr=f"{o['lr_backbone'] * sched['lr_scale']:.2e}", img_s=f"{img_per_s:.1f}", refresh=False)
-        if bad_in_a_row >= cfg["train"]["max_bad_steps"]:
-            bar.close()
-            if is_main:
-                ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)
-            kept = (f"{ckpt_path} keeps step {kept_step}" if kept_step is not None else "no checkpoint was kept")
-            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss (step {step}); {kept}: "
-                                  f"re-run with a lower optim.lr_backbone (and lr_head)")
-
-    bar = tqdm(total=stop_step, initial=step, disable=not is_main, dynamic_ncols=True, desc="neco")
-    log = open(log_path, "a") if is_main else None
-    t_last, losses = time.time(), []
-    t = cfg["train"]
-    stop["in_loop"] = True  # from here on a signal ends the current step, then saves
-    while step < stop_step:
-        epoch, start = divmod(step, iters_per_epoch)
-        dataset.set_epoch(epoch)
-        batches = epoch_batches(len(dataset), o["batch_size"], epoch, cfg["seed"], start, rank, world)
-        batches = batches[:stop_step - step]
-        for crops, boxes, n_unreadable in make_loader(dataset, batches, cfg, device):
-            if crops is None:  # READ_ATTEMPTS unreadable files in a row: the folder is gone or holds no images
-                if world == 1:  # (under torchrun the other ranks wait in a collective: no checkpoint there)
-                    flush_log()
-                    checkpoint(commit=True)
-                bar.close()
-                raise ConfigError(f"data.root '{d['root']}': {READ_ATTEMPTS} image files in a row could not be "
-                                  f"read (the warnings above name them); check the folder, then re-run")
-            sched = schedules(cfg, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * sched["lr_scale"]
-                if group["apply_wd"]:
-                    group["weight_decay"] = sched["wd"]
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            boxes = boxes.to(device, non_blocking=True)
-            if d["augment_on_device"]:
-                crops = augment_views(crops, gen, o["batch_size"] // world)
-            loss, finite = train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair,
-                                      cfg, autocast, sched["momentum"])
-            step += 1
-            pending.append((step, epoch, sched, loss, finite, n_unreadable))
-            bar.update(1)
-            # losses are read at log points, at checkpoints and one step after each (which verifies last.pt.tmp);
-            # under torchrun the ranks agree on a signal there, every step in a single process
-            at_log = step % t["log_every"] == 0 or step % t["ckpt_every"] <= 1 or step == stop_step
-            signum = agreed_stop(stop["signal"], device) if (at_log or world == 1) and step < stop_step else 0
-            if at_log or signum:
-                flush_log()
-            if step % t["ckpt_every"] == 0 or step == stop_step or signum:
-                checkpoint(commit=step == stop_step or bool(signum))
-            if signum:
-                bar.close()
-                raise Interrupted(signum, f"at step {step}; checkpoint saved to {ckpt_path}; re-run the same "
-                                          f"command to resume")
-    bar.close()
-    if not ckpt_path.is_file():  # max_steps 0: the starting weights, e.g. as the baseline of an evaluation
-        checkpoint(commit=True)
-    if is_main:
-        log.close()
-        first = sum(losses[:5]) / max(len(losses[:5]), 1) if losses else float("nan")
-        last = sum(losses[-5:]) / max(len(losses[-5:]), 1) if losses else float("nan")
-        print(f"done: step {step}/{total_steps}, loss {first:.4f} -> {last:.4f} (first/last 5 steps of this "
-              f"session), {elapsed / 60:.1f} min, {skipped_images} unreadable images replaced, {bad_steps} steps "
-              f"skipped; checkpoint {ckpt_path}")
+def train(cfg, demo=False):
+    """The whole run -> the last step. out_dir is locked (rank 0); SIGINT/SIGTERM end the current step, save and
+    raise Interrupted."""
+    rank, world = setup_distributed()
+    lock = lock_out_dir(Path(cfg["out_dir"])) if rank == 0 else None
+    stop, run = StopRequest(), None
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run = start_run(cfg, demo, rank, world)
+        o, t, per_rank = cfg["optim"], cfg["train"], cfg["optim"]["batch_size"] // world
+        model = run.student
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                run.student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        speed_settings(run.student, run.teacher, cfg)
+        autocast = make_autocast(cfg, run.device)
+        refs_for_pair = make_reference_sampler(cfg["neco"], run.queue, run.gen, per_rank)
+        run.bar = tqdm(total=run.stop_step, initial=run.step, disable=not run.is_main, dynamic_ncols=True, desc="neco")
+        run.log, run.t_last = open(run.log_path, "a") if run.is_main else None, time.time()
+        stop.in_loop = True  # from here on a signal ends the current step, then saves
+        while run.step < run.stop_step:
+            epoch, start = divmod(run.step, len(run.dataset) // o["batch_size"])
+            run.dataset.set_epoch(epoch)
+            batches = epoch_batches(len(run.dataset), o["batch_size"], epoch, cfg["seed"], start, rank, world)
+            for crops, boxes, n_unreadable in make_loader(run.dataset, batches[:run.stop_step - run.step], cfg,
+                                                          run.device):
+                if crops is None:  # READ_ATTEMPTS unreadable files in a row: the folder is gone or holds no images
+                    if world == 1:  # (under torchrun the other ranks wait in a collective: no checkpoint there)
+                        flush_log(run)
+                        save(run, commit=True)
+                    raise ConfigError(f"data.root '{cfg['data']['root']}': {READ_ATTEMPTS} image files in a row "
+                                      f"could not be read (the warnings above name them); check the folder, then "
+                                      f"re-run")
+                sched = set_schedule(run.optimizer, cfg, run.step, run.total_steps)
+                crops = [c.to(run.device, non_blocking=True) for c in crops]
+                if cfg["data"]["augment_on_device"]:
+                    crops = augment_views(crops, run.gen, per_rank)
+                loss, finite = train_step(model, run.student, run.teacher, run.optimizer, run.queue, run.gen, crops,
+                                          boxes.to(run.device, non_blocking=True), refs_for_pair, cfg, autocast,
+                                          sched["momentum"])
+                run.step += 1
+                run.pending.append(Pending(run.step, epoch, sched, loss, finite, n_unreadable))
+                run.bar.update(1)
+                # losses are read at log points, at checkpoints and one step after each (which verifies
+                # last.pt.tmp); under torchrun the ranks agree on a signal there, every step in a single process
+                at_log = run.step % t["log_every"] == 0 or run.step % t["ckpt_every"] <= 1 or run.step == run.stop_step
+                signum = agreed_stop(stop.signum, run.device) if (at_log or world == 1) and run.step < run.stop_step \
+                    else 0
+                if at_log or signum:
+                    flush_log(run)
+                if run.step % t["ckpt_every"] == 0 or run.step == run.stop_step or signum:
+                    save(run, commit=run.step == run.stop_step or bool(signum))
+                if signum:
+                    raise Interrupted(signum, f"at step {run.step}; checkpoint saved to {run.ckpt_path}; re-run the "
+                                              f"same command to resume")
+        if not run.ckpt_path.is_file():  # max_steps 0: the starting weights, e.g. as the baseline of an evaluation
+            save(run, commit=True)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if run and run.bar:
+            run.bar.close()
+        if lock:
+            lock.close()
+    if run.is_main:
+        run.log.close()
+        first, last = (sum(x) / len(x) if x else float("nan") for x in (run.losses[:5], run.losses[-5:]))
+        print(f"done: step {run.step}/{run.total_steps}, loss {first:.4f} -> {last:.4f} (first/last 5 steps of this "
+              f"session), {run.elapsed_s / 60:.1f} min, {run.skipped_images} unreadable images replaced, "
+              f"{run.bad_steps} steps skipped; checkpoint {run.ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
-    return step
-
-
-def augment_views(crops, gen, per_rank):
-    """uint8 crops of every view (B, 3, s, s) -> photometrically augmented, normalised float crops, on their device
-    (data.augment_batch). The parameters are drawn for the full global batch (per_rank images per rank) from the
-    shared generator and each rank keeps its slice, as with the references: N ranks augment their images as one
-    process would."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    out = []
-    for view in crops:
-        params = photometric_params(per_rank * world, gen)
-        out.append(augment_batch(view, {key: rank_slice(value, per_rank) for key, value in params.items()}))
-    return out
-
-
-def teacher_maps(teacher, queue, gen, crops, ncfg, autocast):
-    """The teacher's maps of the 2 global crops; in queue mode this step's teacher patches are pushed before the
-    references are drawn, as in the public code."""
-    with torch.no_grad(), autocast:
-        maps_t = teacher(crops[:2])  # 2 x (B, h, w, out): the teacher sees the global crops only
-    if ncfg["references"] == "queue":
-        for g in range(2):
-            patches = all_gather_cat(maps_t[g].flatten(0, 2))  # (global_B * h * w, out)
-            global_B = patches.shape[0] // (maps_t[g].shape[1] * maps_t[g].shape[2])
-            queue.push(g, patches, 10 * global_B, gen)
-    return maps_t
-
-
-def all_ranks_finite(loss):
-    """A device bool: the loss is finite on every rank (every rank skips together)."""
-    finite = torch.isfinite(loss)
-    if dist.is_available() and dist.is_initialized():
-        flag = finite.float()
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = flag > 0
-    return finite
-
-
-def update(student, teacher, optimizer, finite, momentum, clip_grad):
-    """EMA of the teacher towards the student as it was before this step (the public code updates the teacher in
-    its training step, which runs before the optimizer step), then the AdamW step of the student; both skipped when
-    `finite` (a device bool) is False."""
-    # teacher = m * teacher + (1 - m) * student, as teacher += w * (student - teacher) with w = 0 on a skipped step
-    # (w stays on the device; three multi-tensor kernels)
-    weight = (1.0 - momentum) * finite.float()
-    t_params = list(teacher.parameters())
-    delta = torch._foreach_sub([p.detach() for p in student.parameters()], t_params)
-    torch._foreach_mul_(delta, weight)
-    torch._foreach_add_(t_params, delta)
-    if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad, foreach=True)
-    if optimizer.defaults.get("fused"):
-        # the fused AdamW kernel skips its update on the device when found_inf is set (GradScaler's mechanism)
-        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
-        optimizer.step()
-    elif finite.item():  # unfused optimizer: decide on the host
-        optimizer.step()
-
-
-def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
-               momentum):
-    """One NeCo step. Returns (loss, finite) as device tensors; a non-finite loss leaves student, teacher and
-    optimizer untouched (the step is skipped) without the host waiting for the device."""
-    maps_t = teacher_maps(teacher, queue, gen, crops, cfg["neco"], autocast)
-    with autocast:
-        maps_s = model(crops)  # V x (B, h_v, w_v, out): the student sees every crop
-    loss = neco_loss(maps_t, maps_s, boxes, refs_for_pair, cfg["neco"])
-    finite = all_ranks_finite(loss)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    update(student, teacher, optimizer, finite, momentum, cfg["optim"]["clip_grad"])
-    return loss.detach(), finite
-
+    return run.step
 
 # -----------------------------------------------------------------------------
+# config: one YAML file, every key overridable with --set section.key=value, checked by the table below before
+# anything is loaded. evaluate.py and bench.py use load_config, validate and pick_device too
+class ConfigError(ValueError):
+    """A mistake in the config or on the command line: reported as one line, no traceback."""
 
+def parse_set(pair):
+    """'a.b=value' -> ('a.b', value), the value read as YAML."""
+    if "=" not in pair:
+        raise ConfigError(f"--set expects key=value, got '{pair}'")
+    key, text = pair.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string; a user means the number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
+def set_key(cfg, dotted, value):
+    """Set cfg['a']['b'] = value for dotted = 'a.b', refusing keys the config does not have and other types."""
+    *parents, last = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        if not isinstance(node, dict) or not isinstance(node.get(part), dict):
+            raise ConfigError(f"unknown config key '{'.'.join(parents[:i + 1])}' (in '{dotted}')")
+        node = node[part]
+    if last not in node:
+        raise ConfigError(f"unknown config key '{dotted}'")
+    old = node[last]
+    if old is not None and value is not None:
+        if isinstance(old, dict):
+            raise ConfigError(f"config key '{dotted}' is a section: set one of its keys "
+                              f"({dotted}.{next(iter(old), '...')}=...)")
+        value = float(value) if isinstance(old, float) and type(value) is int else value
+        if type(old) is not type(value):
+            raise ConfigError(f"config key '{dotted}' expects {type(old).__name__} (like {old!r}), got {value!r}")
+    node[last] = value
+
+def dotted_items(tree, prefix=""):
+    """{'a': {'b': 1}} -> [('a.b', 1)]: a nested section as --set pairs."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from dotted_items(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+def load_config(path, sets=(), demo_section=None):
+    """Read the YAML config, remove the override sections "demo" and "eval.demo", apply the one named demo_section
+    (train.py --demo, evaluate.py --demo) and then the --set pairs ('a.b=value')."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        cfg = yaml.safe_load(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found (pass --config config.yaml from the repository)")
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (line {line}): save it as UTF-8")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    evals = cfg.get("eval") if isinstance(cfg.get("eval"), dict) else {}
+    overrides = {"demo": cfg.pop("demo", None), "eval.demo": evals.pop("demo", None)}
+    if demo_section:
+        prefix = demo_section.rpartition(".")[0]
+        for key, value in dotted_items(overrides[demo_section] or {}, prefix + "." if prefix else ""):
+            set_key(cfg, key, value)
+    for pair in sets:
+        set_key(cfg, *parse_set(pair))
+    return cfg
+
+def flatten_sets(groups):
+    """argparse gives --set a b --set c as [[a, b], [c]]."""
+    return [pair for group in (groups or []) for pair in group]
+
+def rule(what, ok, optional=False):
+    return (what + " or null", lambda v: v is None or ok(v)) if optional else (what, ok)
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+def is_num(v):
+    return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+def one_of(*options):
+    return "one of " + ", ".join(options), lambda v: v in options
+
+COUNT = rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
+POSITIVE_INT = rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
+PATCHES = rule("a positive multiple of the patch size 14", lambda v: is_int(v) and v >= 14 and v % 14 == 0)
+POSITIVE = rule("a number > 0", lambda v: is_num(v) and v > 0)
+NON_NEGATIVE = rule("a number >= 0", lambda v: is_num(v) and v >= 0)
+FRACTION = rule("a number in [0, 1]", lambda v: is_num(v) and 0 <= v <= 1)
+BELOW_ONE = rule("a number in [0, 1)", lambda v: is_num(v) and 0 <= v < 1)
+HALF = rule("a number in [0, 0.5)", lambda v: is_num(v) and 0 <= v < 0.5)  # the second global crop needs twice it
+BELOW_ONE_PAIR = rule("two numbers in [0, 1)", lambda v: isinstance(v, list) and len(v) == 2
+                      and all(map(BELOW_ONE[1], v)))
+SCALE = rule("[lo, hi] with 0 < lo <= hi <= 1", lambda v: isinstance(v, list) and len(v) == 2
+             and all(is_num(x) and 0 < x <= 1 for x in v) and v[0] <= v[1])
+SHARE = rule("a number in (0, 1]", lambda v: is_num(v) and 0 < v <= 1)
+FLAG = rule("true or false", lambda v: isinstance(v, bool))
+TEXT = rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+DEVICE, POS_EMBED = one_of("auto", "cpu", "cuda"), one_of("dinov2", "neco")
+
+# key -> (what its value must be, the check): every key train.py and evaluate.py read (the sort keys are checked by
+# diff_sort itself, in validate)
+CONFIG_RULES = {
+    "out_dir": TEXT, "seed": COUNT,
+    "model.arch": one_of(*BACKBONE_NAMES), "model.weights": rule(*TEXT, optional=True),
+    "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.head_hidden": POSITIVE_INT,
+    "model.head_out": POSITIVE_INT, "model.head_layers": POSITIVE_INT,
+    "model.pos_embed_rule": one_of("neco", "dinov2"), "model.teacher_head": one_of("random", "copy"),
+    "data.root": TEXT, "data.global_size": PATCHES, "data.global_scale": SCALE, "data.local_size": PATCHES,
+    "data.local_scale": SCALE, "data.n_local": COUNT, "data.min_overlap": HALF, "data.num_workers": COUNT,
+    "data.augment_on_device": FLAG,
+    "neco.roi_size": POSITIVE_INT, "neco.references": one_of("queue", "batch"), "neco.queue_size": POSITIVE_INT,
+    "neco.num_references": POSITIVE_INT,
+    "optim.epochs": POSITIVE_INT, "optim.batch_size": POSITIVE_INT, "optim.lr_backbone": POSITIVE,
+    "optim.lr_head": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.weight_decay_end": NON_NEGATIVE,
+    "optim.momentum_teacher": FRACTION, "optim.momentum_teacher_end": FRACTION, "optim.clip_grad": NON_NEGATIVE,
+    "optim.betas": BELOW_ONE_PAIR,
+    "train.device": DEVICE, "train.precision": one_of("bf16", "fp32"),
+    "train.ckpt_every": POSITIVE_INT, "train.log_every": POSITIVE_INT, "train.max_bad_steps": POSITIVE_INT,
+    "train.max_steps": rule(*COUNT, optional=True), "train.compile": FLAG,
+    "train.fused_attention": FLAG, "train.fused_adamw": FLAG, "train.grad_checkpointing": FLAG,
+    # evaluate.py
+    "eval.device": DEVICE, "eval.precision": one_of("fp32", "bf16"),
+    "eval.num_workers": COUNT, "eval.vis_images": COUNT, "eval.voc_train_split": one_of("trainaug", "train"),
+    "eval.roots.voc": TEXT, "eval.roots.ade20k": TEXT, "eval.roots.coco": TEXT,
+    "eval.incontext.protocol": one_of("hbird", "dip"), "eval.incontext.image_size": PATCHES,
+    "eval.incontext.memory_size": rule(*POSITIVE_INT, optional=True), "eval.incontext.aug_epochs": COUNT,
+    "eval.incontext.k": POSITIVE_INT, "eval.incontext.temperature": rule(*POSITIVE, optional=True),
+    "eval.incontext.fraction": SHARE, "eval.incontext.subset_file": rule(*TEXT, optional=True),
+    "eval.incontext.seed": COUNT, "eval.incontext.batch_size": POSITIVE_INT, "eval.incontext.pos_embed_rule": POS_EMBED,
+    "eval.linear.image_size": PATCHES, "eval.linear.out_size": POSITIVE_INT, "eval.linear.train_aug": FLAG,
+    "eval.linear.epochs": POSITIVE_INT, "eval.linear.batch_size": POSITIVE_INT, "eval.linear.lr": POSITIVE,
+    "eval.linear.momentum": BELOW_ONE, "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.lr_step_epoch": COUNT,
+    "eval.linear.lr_gamma": POSITIVE, "eval.linear.coco_fraction": SHARE, "eval.linear.seed": COUNT,
+    "eval.linear.pos_embed_rule": POS_EMBED,
+    "eval.cluster.image_size": PATCHES, "eval.cluster.gt_size": POSITIVE_INT,
+    "eval.cluster.ks": rule("a list of cluster counts (0: the number of classes)",
+                            lambda v: isinstance(v, list) and len(v) > 0 and all(map(COUNT[1], v))),
+    "eval.cluster.pca_dim": POSITIVE_INT, "eval.cluster.seeds": POSITIVE_INT, "eval.cluster.iters": COUNT,
+    "eval.cluster.redo": POSITIVE_INT, "eval.cluster.max_points_per_centroid": POSITIVE_INT,
+    "eval.cluster.batch_size": POSITIVE_INT, "eval.cluster.pos_embed_rule": POS_EMBED,
+}
+
+def get_key(cfg, dotted):
+    node = cfg
+    for i, part in enumerate(dotted.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config key '{dotted}' is missing (no '{'.'.join(dotted.split('.')[:i + 1])}' in the "
+                              f"config file; compare it with the repository's config.yaml)")
+        node = node[part]
+    return node
+
+def validate(cfg, prefix="", demo=False):
+    """Fail in the first second on a mistake that would otherwise surface after minutes of loading. prefix "eval."
+    checks the evaluation keys (evaluate.py), prefix "" the training ones and how they fit together (train.py)."""
+    for key, (what, ok) in CONFIG_RULES.items():
+        if key.startswith("eval.") == (prefix == "eval.") and not ok(value := get_key(cfg, key)):
+            raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
+    if prefix == "eval.":
+        s = cfg["eval"]["incontext"]
+        if s["subset_file"] is not None and not Path(s["subset_file"]).expanduser().is_file():
+            raise ConfigError(f"config key 'eval.incontext.subset_file' names {s['subset_file']}, which is not a "
+                              f"file: give a text file with one train image id per line")
+        if s["subset_file"] is not None and s["fraction"] != 1:
+            raise ConfigError("config key 'eval.incontext.fraction' must be 1 when eval.incontext.subset_file names "
+                              "the subset")
+        pick_device(cfg["eval"]["device"], "eval.device")
+        return
+    m, d, n = cfg["model"], cfg["data"], cfg["neco"]
+    pick_device(cfg["train"]["device"], "train.device")
+    if n["references"] == "queue" and n["queue_size"] < n["num_references"]:
+        raise ConfigError("config key 'neco.queue_size' must be at least neco.num_references")
+    if n["references"] == "batch" and n["num_references"] > n["roi_size"] ** 2:
+        raise ConfigError("config key 'neco.num_references' must be <= neco.roi_size^2 in batch mode")
+    try:  # the sort's own argument checks, on a tiny input
+        for steepness in (n["student_steepness"], n["teacher_steepness"]):
+            diff_sort(torch.zeros(1, n["num_references"]), n["sort_network"], steepness, n["sort_distribution"],
+                      n["sort_art_lambda"])
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config section 'neco': {e}")
+    if not Path(d["root"]).is_dir() and not demo:
+        raise ConfigError(f"data.root '{d['root']}' is not a folder: point data.root at COCO train2017 (or any folder "
+                          f"of images), e.g. --set data.root=/data/coco/images/train2017, or run with --demo")
+    if m["weights"] not in (None, "hub") and not Path(m["weights"]).is_file():
+        raise ConfigError(f"model.weights '{m['weights']}' is not a file: give a DINOv2 state_dict file, 'hub' for "
+                          f"the official checkpoint, or null for random initialisation")
+
+def pick_device(want, key="train.device"):
+    """auto | cpu | cuda -> the torch.device (auto: cuda when a GPU is visible); key names the setting in errors."""
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key if key.startswith('--') else f'config key {key!r}'} is cuda but no GPU is visible "
+                          f"(use auto or cpu)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+# -----------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description="NeCo post-training of a DINOv2 backbone (resumes from <out_dir>/last.pt)")
     p.add_argument("--config", default="config.yaml", help="the YAML config (default: config.yaml)")
@@ -1038,7 +955,6 @@ def main(argv=None):
             print(f"interrupted {e}", file=sys.stderr)
         return 128 + e.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
