@@ -12,6 +12,7 @@ patches, the networks, the training step, the schedules, checkpoints, the loop, 
 import argparse
 import errno
 import fcntl
+import functools
 import json
 import math
 import os
@@ -20,9 +21,10 @@ import socket
 import sys
 import tempfile
 import time
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -45,8 +47,7 @@ ROI_SAMPLING = -1  # roi_align's adaptive default, as the public run: ceil(bin s
 
 def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
     """RoI-align teacher crop g and student crop v over their intersection -> (B, roi_size^2, out) each, at least
-    float32: under bf16 autocast the maps come out of the head in bf16, and the loss runs in float32 (roi_align
-    also needs maps and boxes of one dtype)."""
+    float32 (under bf16 autocast the maps are bf16; the loss runs in float32)."""
     B = boxes.shape[0]
     map_t, map_s = (m.float() if m.element_size() < 4 else m for m in (maps_t[g], maps_s[v]))
     roi_g, roi_v = crop_intersection_rois(boxes[:, g], boxes[:, v], map_t.shape[1], map_s.shape[1])
@@ -60,10 +61,8 @@ def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
     return queries
 
 def pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg):
-    """maps_t: 2 teacher maps (B, h, w, out); maps_s: V student maps; boxes (B, V, 4) in image pixels.
-    refs_for_pair(g, q_t) -> (B, n_ref, out) teacher reference patches for that pair.
-    Returns (sim_s, sim_t), each (10*B*Q, n_ref) float32: the cosine similarities of every query patch of the
-    10 (g, v) pairs (g a global crop, v any other crop) to its image's references."""
+    """maps_t: 2 teacher maps (B, h, w, out); maps_s: V student maps; boxes (B, V, 4) in image pixels -> (sim_s,
+    sim_t), each (10*B*Q, n_ref): cosine similarities of the query patches of the 10 pairs to their references."""
     sims_s, sims_t = [], []
     for g in range(2):
         for v in range(len(maps_s)):
@@ -77,9 +76,8 @@ def pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg):
     return torch.cat(sims_s).reshape(-1, n_ref), torch.cat(sims_t).reshape(-1, n_ref)
 
 def sort_cross_entropy(sim_s, sim_t, ncfg):
-    """sim_*: (R, n) similarities of R queries to n references. Sort both, each with its network's steepness;
-    cross-entropy of the student's relaxed permutation matrices against the teacher's, summed over ranks, averaged
-    over queries and references."""
+    """sim_*: (R, n) similarities of R queries to n references, sorted each with its own steepness -> cross-entropy
+    of the student's relaxed permutation matrices against the teacher's, summed over ranks, averaged over the rest."""
     # check_finite=False: no host sync for a NaN check; non-finite similarities give a non-finite loss, and
     # train_step skips that step on the device
     kw = dict(network=ncfg["sort_network"], distribution=ncfg["sort_distribution"],
@@ -120,9 +118,8 @@ class PatchQueue:
         self.filled[g] = min(self.filled[g] + count, size)
 
     def sample(self, g, rows, n, gen):
-        """(rows, n, dim): n distinct filled rows of queue g for each of `rows` images. When the queue holds enough
-        rows, they are distinct over the whole draw, as in the public code once its queue is full; while it fills,
-        distinct within each image (a queue with fewer than n rows repeats them). The counts are host ints: no sync."""
+        """(rows, n, dim): n distinct filled rows of queue g per image, distinct over the whole draw when the queue holds
+        enough (as the public code once its queue is full); host-int counts: no sync."""
         filled = self.filled[g]
         if rows * n <= filled:
             idx = torch.randperm(filled, generator=gen, device=gen.device)[:rows * n].view(rows, n)
@@ -195,9 +192,8 @@ class NeCoModel(nn.Module):
         return outs
 
 def build_models(cfg):
-    """Student and teacher start from the same backbone weights; the teacher's projection head is its own random
-    draw (model.teacher_head: random, as the public run) or a copy of the student's (copy). The teacher never gets
-    gradients; only the student has stochastic depth. Both resize pos_embed by model.pos_embed_rule."""
+    """Student and teacher from the same backbone weights; the teacher's head is its own random draw (model.teacher_head
+    random, as the public run) or a copy. Only the student gets gradients and stochastic depth."""
     m = cfg["model"]
     backbones = [build_backbone(m["arch"], weights, m["num_register_tokens"], rate, m["pos_embed_rule"])
                  for weights, rate in ((m["weights"], m["drop_path_rate"]), (None, 0.0))]
@@ -216,8 +212,8 @@ def build_models(cfg):
 # the training step. It never waits for the GPU: the loss and its "finite" flag stay on the device, and a
 # non-finite step is skipped there. The phases are named for the profiler (python bench.py train)
 def augment_views(crops, gen, per_rank):
-    """uint8 crops of every view (B, 3, s, s) -> photometrically augmented, normalised float crops, on their device
-    (data.augment_batch), with the parameters drawn for the global batch (per_rank images per rank)."""
+    """uint8 crops (B, 3, s, s) per view -> augmented, normalised float crops (data.augment_batch), the parameters
+    drawn for the global batch (per_rank images per rank)."""
     world = dist.get_world_size() if distributed() else 1
     with record_function("augment"):
         return [augment_batch(view, {key: rank_slice(value, per_rank)
@@ -226,9 +222,8 @@ def augment_views(crops, gen, per_rank):
 
 def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
                momentum):
-    """One NeCo step on crops (2 global + local views, (B, 3, s, s) each) with their boxes (B, V, 4); model is the
-    student or its DistributedDataParallel wrapper. Returns (loss, finite) as device tensors; a loss that is not
-    finite on every rank leaves student, teacher and optimizer untouched."""
+    """One NeCo step on crops (2 global + local views) and boxes (B, V, 4); model: the student or its DDP wrapper.
+    -> (loss, finite) on the device; a loss not finite on every rank leaves everything untouched."""
     with record_function("teacher"), torch.no_grad(), autocast:
         maps_t = teacher(crops[:2])  # 2 x (B, h, w, out): the teacher sees the global crops only
         if cfg["neco"]["references"] == "queue":  # this step's patches go in before the draw, as the public code
@@ -329,9 +324,8 @@ def disk_error(e, path):
     return f"cannot write {path} ({e.strerror or e}): fix the folder or choose another out_dir, then re-run"
 
 def write_atomic(path, write, commit=True):
-    """write(f) into path.tmp and fsync it; with commit, rename it over path and fsync the folder, so that a kill
-    or a power loss at any moment leaves the old file or the new one. On failure path.tmp is removed (a full disk
-    stays usable) and an OSError becomes TrainingStopped with one line."""
+    """write(f) into path.tmp, fsync; with commit rename it over path and fsync the folder: a kill or power loss leaves
+    the old file or the new one. On failure path.tmp goes (a full disk stays usable), an OSError is one line."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -373,8 +367,7 @@ RESUME_MAY_CHANGE = ("out_dir", "eval", "model.weights", "data.num_workers", "da
                      "optim.lr_backbone", "optim.lr_head", "optim.clip_grad", "train")
 
 def check_same_run(ckpt_cfg, cfg, path):
-    """Refuse a resume whose run-defining settings differ: a changed batch size, seed or data set would otherwise
-    recompute the schedule in the middle of the run."""
+    """Refuse a resume whose run-defining settings differ (a changed batch size would recompute the schedule)."""
     old, new = dict(dotted_items(ckpt_cfg)), dict(dotted_items(cfg))
     show = lambda c, k: repr(c[k]) if k in c else "(not set)"
     changed = [f"{k} {show(old, k)} -> {show(new, k)}" for k in sorted(old.keys() | new.keys())
@@ -385,8 +378,8 @@ def check_same_run(ckpt_cfg, cfg, path):
                           f"values, or start afresh with another out_dir (or move {path} away)")
 
 def trim_log(log_path, step):
-    """Keep the log lines of steps up to the checkpoint's (later ones are recomputed; no checkpoint: a fresh log)
-    and drop lines that do not parse (cut off by a full disk or a power loss). Rewritten atomically."""
+    """Keep the log lines up to the checkpoint's step (no checkpoint: a fresh log), drop lines that do not parse (cut
+    off by a full disk or a power loss); rewritten atomically."""
     def write(out):
         if log_path.is_file():
             with open(log_path, "rb") as f:
@@ -400,8 +393,8 @@ def trim_log(log_path, step):
     write_atomic(log_path, write)
 
 def lock_out_dir(out_dir):
-    """Create out_dir, check that files can be created in it, and hold an exclusive lock on out_dir/train.lock for
-    the life of the run; the kernel releases it when the process ends, however it ends. Returns the lock file."""
+    """Create out_dir, check that files can be created in it, and lock out_dir/train.lock for the life of the run
+    (the kernel releases it however the process ends)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()  # what writing last.pt.tmp needs
@@ -433,17 +426,11 @@ class Interrupted(BaseException):
         super().__init__(message)
         self.signum = signum
 
-class StopRequest:
-    """The SIGINT/SIGTERM handler: before the loop it stops at once; in the loop the current step ends, then the
-    run saves (under torchrun the ranks agree on the step first)."""
-
-    def __init__(self):
-        self.signum, self.in_loop = 0, False
-
-    def __call__(self, signum, frame):
-        self.signum = self.signum or signum
-        if not self.in_loop:
-            raise Interrupted(signum, "before the first step (nothing new to save)")
+def on_signal(stop, signum, frame):
+    """SIGINT/SIGTERM: before the loop stop at once; in the loop the current step ends, then the run saves."""
+    stop["signum"] = stop["signum"] or signum
+    if not stop["in_loop"]:
+        raise Interrupted(signum, "before the first step (nothing new to save)")
 
 def setup_distributed():
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single-process run."""
@@ -454,21 +441,13 @@ def setup_distributed():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
 
-def sum_over_ranks(counts, device):
-    """Host ints of this rank -> their elementwise sums over the ranks (one all_reduce; unchanged in one process)."""
+def over_ranks(values, device, op="SUM"):
+    """Host ints of this rank -> their elementwise SUM (or MAX) over the ranks; unchanged in one process."""
     if not distributed():
-        return counts
-    total = torch.tensor(counts, device=device)
-    dist.all_reduce(total)
+        return values
+    total = torch.tensor(values, device=device)
+    dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
     return total.tolist()
-
-def agreed_stop(signum, device):
-    """The signal number any rank received (0: none), the same on every rank, so that all stop at the same step."""
-    if not distributed():
-        return signum
-    flag = torch.tensor([signum], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
 
 def epoch_batches(n_images, batch, epoch, seed, start, rank, world):
     """Index lists of this rank's share of each global batch of the epoch, from batch `start` on (drop last)."""
@@ -479,8 +458,8 @@ def epoch_batches(n_images, batch, epoch, seed, start, rank, world):
             for b in range(start, n_images // batch)]
 
 def ignore_stop_signals(worker_id):
-    """Ctrl-C and schedulers signal the whole process group: the loader workers leave SIGINT/SIGTERM to the main
-    process, which saves and then ends them (a worker killed mid-step would abort the step with an error)."""
+    """Ctrl-C and schedulers signal the whole process group: workers leave SIGINT/SIGTERM to the main process,
+    which saves and then ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -493,9 +472,8 @@ def make_loader(dataset, batches, cfg, device):
         worker_init_fn=ignore_stop_signals)
 
 def speed_settings(student, teacher, cfg, compile_backend="inductor"):
-    """The train.* switches that change speed and memory, not the method: attention kernel, activation
-    checkpointing, torch.compile. Compiling block by block leaves the loop over blocks (and activation
-    checkpointing around each block) as it is; the blocks compile once per crop size."""
+    """The train.* switches of speed and memory, not of the method. torch.compile block by block keeps the loop over
+    blocks (and activation checkpointing around each) as it is."""
     t = cfg["train"]
     student.backbone.grad_checkpointing = t["grad_checkpointing"]
     for net in (student, teacher):
@@ -509,14 +487,8 @@ def make_autocast(cfg, device):
     return torch.autocast("cuda", dtype=torch.bfloat16,
                           enabled=device.type == "cuda" and cfg["train"]["precision"] == "bf16")
 
-class Pending(NamedTuple):
-    """A step whose loss and finite flag are still on the device, read at the next log point."""
-    step: int
-    epoch: int
-    sched: dict
-    loss: torch.Tensor
-    finite: torch.Tensor
-    n_unreadable: int
+# a step whose loss and finite flag (device tensors) are read at the next log point
+Pending = namedtuple("Pending", "step epoch sched loss finite n_unreadable")
 
 @dataclass
 class Run:
@@ -548,8 +520,7 @@ class Run:
     bar: object = None
 
 def start_run(cfg, demo, rank, world):
-    """The run's data, models, optimizer and queue, continued from <out_dir>/last.pt when there is one (its settings
-    are checked before the data and the models are loaded)."""
+    """The run's data, models, optimizer and queue, continued from <out_dir>/last.pt if there is one (checked first)."""
     o, d, mx = cfg["optim"], cfg["data"], cfg["train"]["max_steps"]
     if o["batch_size"] % world:
         raise ConfigError(f"optim.batch_size {o['batch_size']} must be divisible by the {world} processes")
@@ -593,9 +564,8 @@ def start_run(cfg, demo, rank, world):
     return run
 
 def save(run, commit):
-    """Write last.pt.tmp; with commit (the end, a signal) rename it to last.pt at once, otherwise flush_log does
-    once a later step has had a finite loss with these weights: after lr 1e6 the first step's loss is finite and
-    its update wrecks the (finite) weights, which must not become the last.pt the advice resumes from."""
+    """Write last.pt.tmp; with commit (the end, a signal) it becomes last.pt at once, else once a later step had a
+    finite loss (flush_log): after lr 1e6 a finite step can wreck the weights, which must not become last.pt."""
     if run.is_main:
         save_checkpoint(run.ckpt_path, {
             "student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
@@ -605,13 +575,13 @@ def save(run, commit):
     run.kept_step, run.unverified = (run.step, None) if commit else (run.kept_step, run.step)
 
 def flush_log(run):
-    """Read the pending losses from the device (one transfer), write their log lines, count unreadable images and
-    non-finite steps, keep last.pt.tmp once a later step was finite; stop after train.max_bad_steps in a row."""
+    """Read the pending losses (one transfer), write their log lines, count unreadable images and non-finite steps,
+    commit last.pt.tmp once a later step was finite; stop after train.max_bad_steps in a row."""
     if not run.pending:
         return
     o = run.cfg["optim"]
     values = torch.stack([torch.stack([p.loss.float(), p.finite.float()]) for p in run.pending]).tolist()
-    unreadable = sum_over_ranks([p.n_unreadable for p in run.pending], run.device)
+    unreadable = over_ranks([p.n_unreadable for p in run.pending], run.device)
     now = time.time()
     img_per_s = len(run.pending) * o["batch_size"] / max(now - run.t_last, 1e-9)
     run.elapsed_s, run.t_last, verified = run.elapsed_s + now - run.t_last, now, False
@@ -656,8 +626,8 @@ def train(cfg, demo=False):
     raise Interrupted."""
     rank, world = setup_distributed()
     lock = lock_out_dir(Path(cfg["out_dir"])) if rank == 0 else None
-    stop, run = StopRequest(), None
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop, run = {"signum": 0, "in_loop": False}, None
+    previous = {s: signal.signal(s, functools.partial(on_signal, stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         run = start_run(cfg, demo, rank, world)
         o, t, per_rank = cfg["optim"], cfg["train"], cfg["optim"]["batch_size"] // world
@@ -670,7 +640,7 @@ def train(cfg, demo=False):
         refs_for_pair = make_reference_sampler(cfg["neco"], run.queue, run.gen, per_rank)
         run.bar = tqdm(total=run.stop_step, initial=run.step, disable=not run.is_main, dynamic_ncols=True, desc="neco")
         run.log, run.t_last = open(run.log_path, "a") if run.is_main else None, time.time()
-        stop.in_loop = True  # from here on a signal ends the current step, then saves
+        stop["in_loop"] = True  # from here on a signal ends the current step, then saves
         while run.step < run.stop_step:
             epoch, start = divmod(run.step, len(run.dataset) // o["batch_size"])
             run.dataset.set_epoch(epoch)
@@ -697,8 +667,8 @@ def train(cfg, demo=False):
                 # losses are read at log points, at checkpoints and one step after each (which verifies
                 # last.pt.tmp); under torchrun the ranks agree on a signal there, every step in a single process
                 at_log = run.step % t["log_every"] == 0 or run.step % t["ckpt_every"] <= 1 or run.step == run.stop_step
-                signum = agreed_stop(stop.signum, run.device) if (at_log or world == 1) and run.step < run.stop_step \
-                    else 0
+                agree = (at_log or world == 1) and run.step < run.stop_step
+                signum = over_ranks([stop["signum"]], run.device, "MAX")[0] if agree else 0
                 if at_log or signum:
                     flush_log(run)
                 if run.step % t["ckpt_every"] == 0 or run.step == run.stop_step or signum:
@@ -757,14 +727,9 @@ def set_key(cfg, dotted, value):
         node = node[part]
     if last not in node:
         raise ConfigError(f"unknown config key '{dotted}'")
-    old = node[last]
-    if old is not None and value is not None:
-        if isinstance(old, dict):
-            raise ConfigError(f"config key '{dotted}' is a section: set one of its keys "
-                              f"({dotted}.{next(iter(old), '...')}=...)")
-        value = float(value) if isinstance(old, float) and type(value) is int else value
-        if type(old) is not type(value):
-            raise ConfigError(f"config key '{dotted}' expects {type(old).__name__} (like {old!r}), got {value!r}")
+    if isinstance(node[last], dict):  # the values themselves are checked by validate (CONFIG_RULES)
+        raise ConfigError(f"config key '{dotted}' is a section: set one of its keys "
+                          f"({dotted}.{next(iter(node[last]), '...')}=...)")
     node[last] = value
 
 def dotted_items(tree, prefix=""):
@@ -891,8 +856,8 @@ def get_key(cfg, dotted):
     return node
 
 def validate(cfg, prefix="", demo=False):
-    """Fail in the first second on a mistake that would otherwise surface after minutes of loading. prefix "eval."
-    checks the evaluation keys (evaluate.py), prefix "" the training ones and how they fit together (train.py)."""
+    """Fail in the first second, not after minutes of loading: prefix "eval." checks the evaluation keys
+    (evaluate.py), "" the training ones and how they fit together."""
     for key, (what, ok) in CONFIG_RULES.items():
         if key.startswith("eval.") == (prefix == "eval.") and not ok(value := get_key(cfg, key)):
             raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
