@@ -12,7 +12,7 @@ train: the NeCo training step (train.train_step) on synthetic crops of the real 
 ms per step and peak memory, for the fast path (photometric augmentation on the device, bf16 autocast on CUDA,
 SDPA attention, fused AdamW, no host sync) and the faithful fp32 path (explicit attention, torch's default AdamW,
 host-side skip decision; its augmentation runs in the loader workers, outside the step) in the same run, with a
-breakdown of the step. CUDA: the paper's shape (ViT-S/14-reg, batch 64, 2 x 518 + 4 x 98 px); the CPU
+breakdown of the step into train.py's profiler ranges. CUDA: the paper's shape (ViT-S/14-reg, batch 64, 2 x 518 + 4 x 98 px); the CPU
 runs a small one (batch 4, 2 x 224 + 4 x 98 px, ~1 min).
 
 sort: forward+backward time and peak memory of sort.diff_sort against diffsort 0.2.0's DiffSortNet (the dense
@@ -41,6 +41,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import data
 import evaluate
@@ -51,14 +52,6 @@ CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
 
 # -----------------------------------------------------------------------------
 # common: devices, peak memory, one child process per measurement
-
-
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device available")
-    return name
 
 
 def sync(device):
@@ -134,23 +127,11 @@ PATHS = {  # the config switches of each path (train.compile is added to the fas
                   "data.augment_on_device": False},  # ~ the public run's xformers attention
 }
 PAPER_SHAPE = ("dinov2_vits14_reg", 64, 518, 98)  # arch, batch, global and local crop size of the paper's run
-PHASES = ("augment", "teacher_fwd", "student_fwd_bwd", "roi_sim", "sort", "optimizer")
-PHASE_NAMES = ("augment", "teacher fwd", "student fwd+bwd", "RoI + sim", "sort + CE", "AdamW + EMA")
-
-
-def train_bench_config(args):
-    """config.yaml (the paper's run) at the benchmark's model and crop sizes, with the path's switches."""
-    sets = [f"model.arch={args.arch}", "model.weights=null", f"optim.batch_size={args.batch}",
-            f"data.global_size={args.global_size}", f"data.local_size={args.local_size}",
-            f"train.compile={args.compile and args.path == 'fast'}"]
-    sets += [f"{key}={value}" for key, value in PATHS[args.path].items()]
-    return train.load_config(CONFIG, sets)
-
+PHASES = ("augment", "teacher", "student", "loss", "backward", "update")  # train.py's record_function names
 
 def synthetic_step_inputs(cfg, device, seed=0):
-    """Crops (2 global + n_local local, each (B, 3, s, s)) and crop boxes (B, V, 4) in the pixels of a 640 x 480
-    image, all overlapping one another, as the loader gives them: uint8 with data.augment_on_device, else
-    normalised float. Random pixels: the cost does not depend on them."""
+    """Crops (2 global + n_local local, each (B, 3, s, s)) and boxes (B, V, 4) in the pixels of a 640 x 480 image,
+    all overlapping, as the loader gives them: uint8 with data.augment_on_device, else normalised float."""
     d, B = cfg["data"], cfg["optim"]["batch_size"]
     g = torch.Generator().manual_seed(seed)
     sizes = [d["global_size"]] * 2 + [d["local_size"]] * d["n_local"]
@@ -162,74 +143,32 @@ def synthetic_step_inputs(cfg, device, seed=0):
     wh = 200 + torch.rand(B, len(sizes), 2, generator=g) * 200  # every box holds [100, 200]^2
     return crops, torch.cat([xy, xy + wh], -1).to(device)
 
-
-def step_phases(student, teacher, optimizer, queue, gen, crops, boxes, refs, cfg, autocast, device):
-    """One training step cut into its phases, with the device synchronised between them -> ms per phase.
-    augment is the on-device photometric augmentation (0 where the loader does it); student_fwd_bwd includes the
-    backward of the RoI-align and similarities (small); roi_sim is their forward; sort is the forward and backward
-    of both sorts and of the cross-entropy; optimizer is AdamW and the EMA."""
-    ncfg, ms = cfg["neco"], dict.fromkeys(PHASES, 0.0)
-
-    def timed(phase, fn):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        ms[phase] += (time.perf_counter() - start) * 1e3
-        return out
-
-    def student_forward():
-        with autocast:
-            return student(crops)
-
-    def sort_forward_backward():
-        loss = train.sort_cross_entropy(sim_s, sim_t, ncfg)
-        return loss, torch.autograd.grad(loss, sim_s)[0]  # stops at the similarities
-
-    if cfg["data"]["augment_on_device"]:
-        crops = timed("augment", lambda: train.augment_views(crops, gen, cfg["optim"]["batch_size"]))
-    maps_t = timed("teacher_fwd", lambda: train.teacher_maps(teacher, queue, gen, crops, ncfg, autocast))
-    maps_s = timed("student_fwd_bwd", student_forward)
-    sim_s, sim_t = timed("roi_sim", lambda: train.pair_similarities(maps_t, maps_s, boxes, refs, ncfg))
-    loss, grad_sim = timed("sort", sort_forward_backward)
-    optimizer.zero_grad(set_to_none=True)
-    timed("student_fwd_bwd", lambda: sim_s.backward(grad_sim))
-    finite = train.all_ranks_finite(loss)
-    timed("optimizer", lambda: train.update(student, teacher, optimizer, finite, cfg["optim"]["momentum_teacher"],
-                                            cfg["optim"]["clip_grad"]))
-    return ms
-
-
-def autocast_on(cfg, device):
-    return device.type == "cuda" and cfg["train"]["precision"] == "bf16"  # train.make_autocast's rule
-
-
 def cmd_train_one(args):
-    """Child of `train`: one path. Warm-up steps (compile, kernel autotuning, the queue fills), then `steps` real
-    steps timed together (train.augment_views where the path augments on the device, then train.train_step; the
-    device is synchronised only at the ends, as in training), then `breakdown` steps cut into phases. Prints JSON;
-    {"oom": true} when CUDA runs out of memory."""
-    cfg = train_bench_config(args)
+    """Child of `train`: one path. Warm-up steps (compile, autotuning, the queue fills), `steps` steps timed
+    together (synchronised only at the ends, as in training), then `breakdown` steps under torch.profiler, whose
+    phases are train.py's record_function ranges. Prints JSON; {"oom": true} when CUDA runs out of memory."""
+    sets = [f"model.arch={args.arch}", "model.weights=null", f"optim.batch_size={args.batch}",
+            f"data.global_size={args.global_size}", f"data.local_size={args.local_size}",
+            f"train.compile={args.compile and args.path == 'fast'}", f"train.device={args.device}"]
+    cfg = train.load_config(CONFIG, sets + [f"{key}={value}" for key, value in PATHS[args.path].items()])
     device = torch.device(args.device)
     torch.manual_seed(0)
     student, teacher = train.build_models(cfg)
     student.to(device).train()
     teacher.to(device).eval()
     train.speed_settings(student, teacher, cfg)
-    optimizer = train.make_optimizer(student, cfg)
-    autocast = train.make_autocast(cfg, device)
-    ncfg = cfg["neco"]
+    optimizer, autocast = train.make_optimizer(student, cfg), train.make_autocast(cfg, device)
     gen = torch.Generator(device=device).manual_seed(0)
-    queue = train.PatchQueue(ncfg["queue_size"], cfg["model"]["head_out"], device)
-    refs = train.make_reference_sampler(ncfg, queue, gen, args.batch)
+    queue = train.PatchQueue(cfg["neco"]["queue_size"], cfg["model"]["head_out"], device)
+    refs = train.make_reference_sampler(cfg["neco"], queue, gen, args.batch)
     crops, boxes = synthetic_step_inputs(cfg, device)
-    momentum = cfg["optim"]["momentum_teacher"]
 
     def step():  # what train.train runs once the batch is on the device
         views = train.augment_views(crops, gen, args.batch) if cfg["data"]["augment_on_device"] else crops
         return train.train_step(student, student, teacher, optimizer, queue, gen, views, boxes, refs, cfg,
-                                autocast, momentum)
+                                autocast, cfg["optim"]["momentum_teacher"])
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
         for _ in range(args.warmup):
             step()
@@ -240,20 +179,30 @@ def cmd_train_one(args):
         sync(args.device)
         ms = (time.perf_counter() - start) * 1e3 / args.steps
         peak = peak_bytes(args.device)
-        phases = [step_phases(student, teacher, optimizer, queue, gen, crops, boxes, refs, cfg, autocast,
-                              args.device) for _ in range(args.breakdown)]
+        with profile(activities=activities) as prof:
+            for _ in range(args.breakdown):
+                step()
+            sync(args.device)
     except torch.cuda.OutOfMemoryError:
         print(json.dumps({"oom": True}))
         return
     if not finite.item():
         raise RuntimeError(f"{args.path} path: non-finite loss in the benchmark step")
-    print(json.dumps({"ms": ms, "peak_mib": peak / 2**20, "loss": loss.item(),
-                      "precision": "bf16" if autocast_on(cfg, device) else "fp32",
-                      **{p: statistics.median(r[p] for r in phases) for p in PHASES}}))
+    columns = phase_columns(args.device)
+    phases = dict.fromkeys(columns, 0.0)
+    for event in prof.key_averages():  # ms per step: the range's CPU time; on CUDA also the GPU time in it
+        if event.key in PHASES:
+            phases[f"{event.key}_ms"] += event.cpu_time_total / 1e3 / args.breakdown
+            if args.device == "cuda":
+                phases[f"{event.key}_cuda_ms"] += getattr(event, "device_time_total", 0) / 1e3 / args.breakdown
+    print(json.dumps({"ms": ms, "peak_mib": peak / 2**20, "loss": loss.item(), **phases,
+                      "precision": "bf16" if args.device == "cuda" and cfg["train"]["precision"] == "bf16" else "fp32"}))
 
+def phase_columns(device):
+    return [f"{p}{suffix}_ms" for p in PHASES for suffix in (("", "_cuda") if device == "cuda" else ("",))]
 
 def cmd_train(args):
-    device = pick_device(args.device)
+    device = train.pick_device(args.device, "--device").type
     cuda = device == "cuda"
     defaults = {"batch": 64 if cuda else 4, "global_size": 518 if cuda else 224, "steps": 10 if cuda else 3,
                 "warmup": 3 if cuda else 1}
@@ -276,27 +225,27 @@ def cmd_train(args):
             raise RuntimeError(f"{path} path: out of memory even at batch 1")
         line = {"bench": "train", "path": path, "arch": args.arch, "device": device, "batch": batch,
                 "global_size": shape["global_size"], "local_size": args.local_size,
-                "compile": args.compile and path == "fast", **{k: round(v, 4 if k == "loss" else 1)
-                                                               for k, v in one.items() if k != "precision"},
-                "precision": one["precision"], "img_per_s": round(batch * 1e3 / one["ms"], 2)}
+                "compile": args.compile and path == "fast", "precision": one.pop("precision"),
+                **{k: float(f"{v:.4g}") for k, v in one.items()}, "img_per_s": float(f"{batch * 1e3 / one['ms']:.4g}")}
         print(json.dumps(line), flush=True)
         results.append(line)
-    print(f"\ntraining step, {args.arch}, 2 x {shape['global_size']} + 4 x {args.local_size} px crops, "
-          f"{device_name(device)}; ms/step over {shape['steps']} steps after {shape['warmup']} warm-up; phases "
-          f"(ms, median of {args.breakdown} steps cut into phases with a sync between them); peak = "
+    columns = phase_columns(device)
+    print(f"\ntraining step (train.train_step), {args.arch}, 2 x {shape['global_size']} + 4 x {args.local_size} px "
+          f"crops, {device_name(device)}; ms/step over {shape['steps']} steps after {shape['warmup']} warm-up; phases: "
+          f"ms per step of train.py's record_function ranges under torch.profiler ({args.breakdown} steps; CPU time"
+          f"{', and _cuda: GPU time' if cuda else ''}); peak = "
           f"{'max allocated' if cuda else 'peak resident set of the process'}\n")
-    table(["path", "precision", "batch", "ms/step", "images/s", "peak MiB", *(f"{p} ms" for p in PHASE_NAMES)],
-          [[r["path"], r["precision"], r["batch"], r["ms"], r["img_per_s"], r["peak_mib"], *[r[p] for p in PHASES]]
+    table(["path", "precision", "batch", "ms/step", "images/s", "peak MiB", *(c.replace("_", " ") for c in columns)],
+          [[r["path"], r["precision"], r["batch"], r["ms"], r["img_per_s"], r["peak_mib"], *[r[c] for c in columns]]
            for r in results])
     by_path = {r["path"]: r for r in results}
     if {"fast", "faithful"} <= by_path.keys():
-        ratio = by_path["fast"]["img_per_s"] / by_path["faithful"]["img_per_s"]
-        print(f"\nfast path: {ratio:.2f}x the faithful path's images/s")
+        print(f"\nfast path: {by_path['fast']['img_per_s'] / by_path['faithful']['img_per_s']:.2f}x the faithful "
+              f"path's images/s")
     fast = by_path.get("fast")
     if fast and (args.arch, fast["batch"], fast["global_size"], fast["local_size"]) == PAPER_SHAPE:
         hours = 25 * (118287 // 64) * 64 / fast["img_per_s"] / 3600
         print(f"25 COCO epochs (1,848 steps of 64 images each) at the fast path's speed: {hours:.2f} h")
-
 
 # -----------------------------------------------------------------------------
 # augment: the photometric augmentation in the loader workers or on the training device
@@ -336,7 +285,7 @@ def cmd_augment_one(args):
 
 
 def cmd_augment(args):
-    device = pick_device(args.device)
+    device = train.pick_device(args.device, "--device").type
     batch = args.batch or (64 if device == "cuda" else 8)
     one = run_child(["augment-one", "--device", device, "--batch", batch, "--images", args.images, "--repeats",
                      args.repeats, "--global-size", args.global_size, "--local-size", args.local_size])
@@ -429,7 +378,7 @@ def run_sort_child(method, n, rows, args, threads=0):
 def cmd_sort(args):
     """Per n and thread count, `rounds` rounds of one fresh child per method, alternating, so that both see the
     same load; medians over the rounds. --hogs starts busy-looping processes for the whole run (a loaded CPU)."""
-    args.device = pick_device(args.device)
+    args.device = train.pick_device(args.device, "--device").type
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
     results = []
     try:
@@ -510,7 +459,7 @@ def incontext_line(device, memory, images, args):
 
 
 def cmd_incontext(args):
-    device = pick_device(args.device)
+    device = train.pick_device(args.device, "--device").type
     cuda = device == "cuda"
     memory = args.memory or (10_240_000 if cuda else 262_144)
     images = args.images or (VOC_VAL_IMAGES if cuda else 8)
@@ -532,7 +481,7 @@ def cmd_incontext(args):
 
 
 def cmd_scaling(args):
-    device = pick_device(args.device)
+    device = train.pick_device(args.device, "--device").type
     args.device = device
     cuda = device == "cuda"
     sort_rows = args.sort_rows or (3136 if cuda else 392)

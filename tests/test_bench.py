@@ -1,4 +1,4 @@
-"""bench.py train / incontext / scaling at tiny shapes: the commands run end to end on the CPU, and what they
+"""bench.py train / incontext / scaling / augment at tiny shapes: the commands run end to end on the CPU, and what they
 report is consistent (images/s from ms, both paths compute the same loss in fp32, the search's work from its
 shape). The sort comparison's smoke test is in test_sort.py."""
 import json
@@ -28,14 +28,16 @@ def test_bench_train_fast_and_faithful_paths():
     assert [line["path"] for line in lines] == ["fast", "faithful", "fp32_sdpa"]
     for line in lines:
         assert (line["batch"], line["global_size"], line["precision"]) == (2, 56, "fp32")  # no bf16 on the CPU
-        assert line["img_per_s"] == pytest.approx(2e3 / line["ms"], rel=1e-2)
-        assert all(line[phase] > 0 for phase in ("teacher_fwd", "student_fwd_bwd", "roi_sim", "sort", "optimizer"))
+        # 4 significant digits whatever the step time (a loaded CPU can take more than 10 s per step)
+        assert line["img_per_s"] == pytest.approx(2e3 / line["ms"], rel=1e-3)
+        # the profiler's ranges of train.train_step, each a real part of the step
+        assert all(line[f"{phase}_ms"] > 0 for phase in ("teacher", "student", "loss", "backward", "update"))
         assert line["peak_mib"] > 0
-    assert fast["augment"] > 0 and faithful["augment"] == 0 == sdpa["augment"]  # where the augmentation runs
+    assert fast["augment_ms"] > 0 and faithful["augment_ms"] == 0 == sdpa["augment_ms"]  # where augmentation runs
     # the same start and synthetic batch without augmentation, both fp32: the same loss after 3 steps, up to the
     # float rounding of the two attention kernels
     assert faithful["loss"] == pytest.approx(sdpa["loss"], rel=1e-3)
-    assert "| fast | fp32 | 2 |" in out and "fast path:" in out
+    assert "| fast | fp32 | 2 |" in out and "fast path:" in out and "| path | precision |" in out
 
 
 def test_bench_incontext_reports_the_search_it_ran():
@@ -64,7 +66,7 @@ def test_bench_scaling_sweeps():
 def test_bench_cuda_without_a_gpu_is_a_one_line_error():
     done = subprocess.run([sys.executable, "bench.py", "train", "--device", "cuda"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr == "error: --device cuda: no CUDA device available\n"
+    assert done.returncode == 2 and done.stderr == "error: --device is cuda but no GPU is visible (use auto or cpu)\n"
 
 
 def test_bench_augment_reports_both_places():
