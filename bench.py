@@ -8,25 +8,21 @@ table at the end.
     python bench.py scaling                                # sort cost against n and rows, search against memory
     python bench.py augment                                # photometric augmentation: loader (CPU) or device
 
-train: the NeCo training step (train.train_step) on synthetic crops of the real sizes (no dataset), images/s,
-ms per step and peak memory, for the fast path (photometric augmentation on the device, bf16 autocast on CUDA,
-SDPA attention, fused AdamW, no host sync) and the faithful fp32 path (explicit attention, torch's default AdamW,
-host-side skip decision; its augmentation runs in the loader workers, outside the step) in the same run, with a
-breakdown of the step into train.py's profiler ranges. CUDA: the paper's shape (ViT-S/14-reg, batch 64, 2 x 518 + 4 x 98 px); the CPU
-runs a small one (batch 4, 2 x 224 + 4 x 98 px, ~1 min).
+train: train.train_step on synthetic crops of the real sizes (no dataset): images/s, ms per step, peak memory and
+the step's phases (train.py's record_function ranges under torch.profiler: CPU time, and GPU time on CUDA), for the
+fast path (augmentation on the device, bf16 autocast on CUDA, SDPA attention, fused AdamW, no host sync) and the
+faithful fp32 path (explicit attention, torch's default AdamW, augmentation in the loader, outside the step). CUDA:
+the paper's shape (ViT-S/14-reg, batch 64, 2 x 518 + 4 x 98 px); the CPU a small one (batch 4, 2 x 224 px).
 
 sort: forward+backward time and peak memory of sort.diff_sort against diffsort 0.2.0's DiffSortNet (the dense
-method NeCo's public code used; `pip install diffsort==0.2.0`), side by side in one run, at NeCo's shape
-(3136 rows = 64 images x 49 queries, n = 49, bitonic, Cauchy, steepness 100) and at other n. Where diffsort would
-need more than --dense-max-mib (n = 128: ~17 GiB at 3136 rows), both methods get fewer rows. With 1 torch thread
-and with all (--threads 1 0), on an idle CPU or beside --hogs busy-looping processes (a shared, loaded CPU).
+method of NeCo's public code; `pip install diffsort==0.2.0`) at NeCo's shape (3136 rows = 64 images x 49 queries,
+n = 49, bitonic, Cauchy, steepness 100) and other n; fewer rows for both where diffsort would need more than
+--dense-max-mib. With 1 torch thread and with all (--threads 1 0), beside --hogs busy-looping processes if asked.
 
-incontext: evaluate.topk_inner_product, the exact k-NN search of the in-context protocol, on random unit
-features: a memory of 10.24M x 384 patches and 1,449 val images x 1,296 queries searched 16 images at a time
-(as evaluate.py does), k = 30; float16 keys on CUDA as in evaluate.py. The CPU runs a reduced scale.
-
-augment: the photometric augmentation per image, in a loader worker (one CPU thread: the reference
-torchvision pipeline against crops only) and batched on the training device (train.augment_views).
+incontext: evaluate.topk_inner_product, the exact k-NN search of the in-context protocol, on random unit features:
+10.24M x 384 memory patches, 1,449 val images x 1,296 queries, 16 images per call, k = 30, float16 keys on CUDA (as
+evaluate.py). The CPU runs a reduced scale. augment: the photometric augmentation per image in a loader worker (one
+thread: torchvision's pipeline against crops only) and batched on the device (train.augment_views).
 
 Every measurement runs in a fresh child process, so that its peak memory is its own.
 """
@@ -52,12 +48,9 @@ CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
 
 # -----------------------------------------------------------------------------
 # common: devices, peak memory, one child process per measurement
-
-
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-
 
 def cpu_name():
     for line in open("/proc/cpuinfo"):
@@ -65,21 +58,17 @@ def cpu_name():
             return line.split(":", 1)[1].strip()
     return platform.processor() or "cpu"
 
-
 def device_name(device):
     return torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
 
-
 def resident_bytes():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def peak_resident_bytes():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status; peak memory needs Linux")
-
 
 def reset_peak(device):
     """Start a peak-memory window and return the bytes in use now. CUDA: the allocator's counters. CPU: the
@@ -93,11 +82,9 @@ def reset_peak(device):
         f.write("5")                                            # resets VmHWM to the current resident set
     return resident_bytes()
 
-
 def peak_bytes(device):
     sync(device)
     return torch.cuda.max_memory_allocated() if device == "cuda" else peak_resident_bytes()
-
 
 def run_child(argv):
     """`python bench.py <argv>` in a fresh process; it prints its result as the last line, a JSON object."""
@@ -107,17 +94,14 @@ def run_child(argv):
         raise RuntimeError(f"bench.py {' '.join(map(str, argv))} failed: {done.stderr.strip()[-500:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
-
 def table(header, rows):
     print("| " + " | ".join(header) + " |")
     print("|" + "---:|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
 
-
 # -----------------------------------------------------------------------------
 # train: the training step, fast path against the faithful fp32 path
-
 PATHS = {  # the config switches of each path (train.compile is added to the fast path by --compile)
     "fast": {"train.precision": "bf16", "train.fused_attention": True, "train.fused_adamw": True,
              "data.augment_on_device": True},
@@ -249,8 +233,6 @@ def cmd_train(args):
 
 # -----------------------------------------------------------------------------
 # augment: the photometric augmentation in the loader workers or on the training device
-
-
 def cmd_augment_one(args):
     """Child of `augment`. Per image: the loader's CPU work with one thread (one DataLoader worker), the reference
     pipeline (MultiCrop with torchvision's photometric ops) against crops only (data.augment_on_device); then
@@ -283,7 +265,6 @@ def cmd_augment_one(args):
     print(json.dumps({"loader_reference_ms": loader_ms["reference"], "loader_crops_only_ms": loader_ms["crops_only"],
                       "device_ms": device_ms, "device_peak_mib": (peak_bytes(args.device) - base) / 2**20}))
 
-
 def cmd_augment(args):
     device = train.pick_device(args.device, "--device").type
     batch = args.batch or (64 if device == "cuda" else 8)
@@ -301,19 +282,15 @@ def cmd_augment(args):
             round(16e3 / line["loader_crops_only_ms"])],
            [f"train.augment_views on {device}", line["device_ms"], ""]])
 
-
 # -----------------------------------------------------------------------------
 # sort: diff_sort against diffsort 0.2.0
-
 METHODS = ("ours", "diffsort")
-
 
 def dense_rows_cap(n, network, max_mib):
     """diffsort keeps a few (rows, n, n) tensors per layer for backward: its peak was measured at 17-18 bytes per
     row, layer and n^2 (float32, CPU). The largest multiple of 49 rows whose estimate fits under max_mib (>= 49)."""
     per_row = 18 * len(sort.network_layers(n, network)[1]) * n * n
     return max(49, int(max_mib * 2**20 // per_row) // 49 * 49)
-
 
 def make_sorter(method, n, args):
     """A function x (rows, n) -> (x_sorted, P) for the method."""
@@ -327,7 +304,6 @@ def make_sorter(method, n, args):
     return diffsort.DiffSortNet(args.network, n, device=args.device, steepness=args.steepness,
                                 distribution=args.distribution)
 
-
 def sort_inputs(rows, n, device):
     """x like NeCo's cosine similarities (uniform in [-1, 1]) and fixed random upstream gradients."""
     g = torch.Generator().manual_seed(0)
@@ -335,12 +311,10 @@ def sort_inputs(rows, n, device):
     grads = (torch.randn(rows, n, generator=g).to(device), torch.randn(rows, n, n, generator=g).to(device))
     return x, grads
 
-
 def forward_backward(sorter, x, grads):
     x_sorted, P = sorter(x)
     torch.autograd.backward((x_sorted, P), grads)
     x.grad = None
-
 
 def timed_peak_run(sorter, x, grads, device):
     """(ms, peak MiB) of one forward+backward; peak = memory in use above what was in use just before the run
@@ -351,7 +325,6 @@ def timed_peak_run(sorter, x, grads, device):
     sync(device)
     ms = (time.perf_counter() - start) * 1e3
     return ms, max(0, peak_bytes(device) - base) / 2**20    # the kernel's RSS counters lag by a few pages
-
 
 def cmd_sort_one(args):
     """Child of `sort` and `scaling`, one per method, shape and thread count: a run on 64 rows loads the method's
@@ -368,12 +341,10 @@ def cmd_sort_one(args):
         peak = mib if peak is None else peak
     print(json.dumps({"ms": statistics.median(times), "peak_mib": peak, "threads": torch.get_num_threads()}))
 
-
 def run_sort_child(method, n, rows, args, threads=0):
     return run_child(["sort-one", method, n, rows, "--repeats", args.repeats, "--network", args.network,
                       "--steepness", args.steepness, "--distribution", args.distribution, "--device", args.device,
                       "--threads", threads])
-
 
 def cmd_sort(args):
     """Per n and thread count, `rounds` rounds of one fresh child per method, alternating, so that both see the
@@ -408,12 +379,9 @@ def cmd_sort(args):
           [[r["rows"], r["n"], r["threads"], r["ours_ms"], r["diffsort_ms"], f"{r['speedup']}x", r["ours_peak_mib"],
             r["diffsort_peak_mib"], f"{r['memory_ratio']}x"] for r in results])
 
-
 # -----------------------------------------------------------------------------
 # incontext: the exact k-NN search of the in-context protocol
-
 VOC_VAL_IMAGES, PATCHES_504 = 1449, 36 * 36  # VOC val, 504 px -> 36 x 36 patches per image
-
 
 def random_unit_rows(n, dim, dtype, device, seed, chunk=1 << 20):
     """(n, dim) random unit vectors, made chunk by chunk on the device (10.24M x 384 at once in float32 would be
@@ -424,7 +392,6 @@ def random_unit_rows(n, dim, dtype, device, seed, chunk=1 << 20):
         x = torch.randn(min(chunk, n - start), dim, generator=g, device=device)
         out[start:start + len(x)] = torch.nn.functional.normalize(x, dim=1)
     return out
-
 
 def cmd_incontext_one(args):
     """Child of `incontext` and `scaling`: keys as evaluate.build_memory keeps them (float16 on CUDA, float32 on
@@ -445,7 +412,6 @@ def cmd_incontext_one(args):
         seconds += time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_mib": (peak_bytes(args.device) - base) / 2**20}))
 
-
 def incontext_line(device, memory, images, args):
     one = run_child(["incontext-one", "--device", device, "--memory", memory, "--images", images, "--dim", args.dim,
                      "--k", args.k, "--patches", args.patches, "--batch-images", args.batch_images])
@@ -456,7 +422,6 @@ def incontext_line(device, memory, images, args):
             "k": args.k, "seconds": float(f"{one['seconds']:.4g}"), "peak_mib": round(one["peak_mib"], 1),
             "tflops": round(flops_per_s / 1e12, 3),
             "voc_scale_minutes": round(voc_flops / flops_per_s / 60, 1)}  # measured or, if smaller, projected
-
 
 def cmd_incontext(args):
     device = train.pick_device(args.device, "--device").type
@@ -475,11 +440,8 @@ def cmd_incontext(args):
           [[line["memory"], line["queries"], line["seconds"], line["peak_mib"], line["tflops"],
             line["voc_scale_minutes"]]])
 
-
 # -----------------------------------------------------------------------------
 # scaling: how sort and search costs grow
-
-
 def cmd_scaling(args):
     device = train.pick_device(args.device, "--device").type
     args.device = device
@@ -514,15 +476,11 @@ def cmd_scaling(args):
     table(["memory", "seconds", "peak MiB", "TFLOP/s"],
           [[r["memory"], r["seconds"], r["peak_mib"], r["tflops"]] for r in search_lines])
 
-
 # -----------------------------------------------------------------------------
-
-
 def add_sort_options(p):
     p.add_argument("--network", default="bitonic", choices=sort.NETWORKS)
     p.add_argument("--steepness", type=float, default=100.0)
     p.add_argument("--distribution", default="cauchy", choices=sort.DISTRIBUTIONS)
-
 
 def add_search_options(p):
     p.add_argument("--dim", type=int, default=384, help="feature dim (ViT-S: 384)")
@@ -530,20 +488,19 @@ def add_search_options(p):
     p.add_argument("--patches", type=int, default=PATCHES_504, help="queries per image (504 px: 36 x 36)")
     p.add_argument("--batch-images", type=int, default=16, help="images searched per call (eval.incontext.batch_size)")
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     devices = ("auto", "cpu", "cuda")
 
-    p = commands.add_parser("train", help="training step: fast path vs faithful fp32 path, with a breakdown")
+    p = commands.add_parser("train", help="training step: fast path vs faithful fp32 path, with its phases")
     p.add_argument("--arch", default="dinov2_vits14_reg", help="model.arch (random weights of that architecture)")
     p.add_argument("--batch", type=int, help="images per step (default: 64 on CUDA, 4 on the CPU)")
     p.add_argument("--global-size", type=int, help="global crop size (default: 518 on CUDA, 224 on the CPU)")
     p.add_argument("--local-size", type=int, default=98, help="local crop size")
     p.add_argument("--steps", type=int, help="timed steps (default: 10 on CUDA, 3 on the CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default: 3 on CUDA, 1 on the CPU)")
-    p.add_argument("--breakdown", type=int, default=2, help="steps cut into phases (the median is reported)")
+    p.add_argument("--breakdown", type=int, default=2, help="profiled steps (the phases' mean per step)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones' blocks in the fast path")
     p.add_argument("--paths", nargs="+", default=["fast", "faithful"], choices=list(PATHS),
                    help="fp32_sdpa: faithful numerics with the fused attention kernel")
@@ -591,7 +548,16 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=devices)
     p.set_defaults(run=cmd_augment)
 
-    # children: one measurement in this process
+    add_children(commands)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, RuntimeError, FileNotFoundError, train.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+def add_children(commands):
+    """The internal subcommands: one measurement in this process."""
     p = commands.add_parser("train-one", help="internal: one path of `train`")
     p.add_argument("path", choices=list(PATHS))
     for name in ("--batch", "--global-size", "--local-size", "--steps", "--warmup", "--breakdown"):
@@ -623,14 +589,6 @@ def main(argv=None):
     p.add_argument("--device", required=True, choices=("cpu", "cuda"))
     add_search_options(p)
     p.set_defaults(run=cmd_incontext_one)
-
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError, train.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
 
 if __name__ == "__main__":
     main()

@@ -303,16 +303,6 @@ def set_schedule(optimizer, cfg, step, total):
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many bad steps in a row, a file that cannot be written): reported as one line."""
 
-def rng_state(gen):
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "shared": gen.get_state()}
-
-def set_rng_state(state, gen):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    gen.set_state(state["shared"])
-
 def disk_error(e, path):
     """The OSError in e's chain (torch.save wraps it in a RuntimeError) as one line naming path; None if none."""
     while e is not None and not isinstance(e, OSError):
@@ -354,12 +344,6 @@ def commit_atomic(path):
 def save_checkpoint(path, state, commit=True):
     """Atomic torch.save (write_atomic); without commit it stays in path.tmp until commit_atomic(path)."""
     write_atomic(path, lambda f: torch.save(state, f), commit)
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"checkpoint '{path}' cannot be read ({type(e).__name__}); move it away to start afresh")
 
 # keys a resume may change (with their sub-keys): where and how fast the run goes, and the learning rates (the advice
 # after a non-finite stop); every other key defines the run and must match the checkpoint's (config.yaml's header)
@@ -467,7 +451,7 @@ def make_loader(dataset, batches, cfg, device):
     workers = cfg["data"]["num_workers"]
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate_multicrop, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
         generator=torch.Generator(),  # its own generator: the loader never draws from the global RNG
         worker_init_fn=ignore_stop_signals)
 
@@ -513,7 +497,7 @@ class Run:
     bad_in_a_row: int = 0
     kept_step: Optional[int] = None  # the step of last.pt (None: no checkpoint)
     unverified: Optional[int] = None  # the step of last.pt.tmp, kept once a later step's loss is finite
-    losses: list = field(default_factory=list)  # the finite losses of this session
+    losses: list = field(default_factory=list)  # the finite losses since this process started
     pending: list = field(default_factory=list)  # Pending steps
     t_last: float = 0.0
     log: object = None
@@ -526,9 +510,13 @@ def start_run(cfg, demo, rank, world):
         raise ConfigError(f"optim.batch_size {o['batch_size']} must be divisible by the {world} processes")
     device = pick_device(cfg["train"]["device"])
     torch.manual_seed(cfg["seed"])
-    out_dir = Path(cfg["out_dir"])
-    ckpt = load_checkpoint(out_dir / "last.pt") if (out_dir / "last.pt").is_file() else None
-    if ckpt:
+    out_dir, ckpt = Path(cfg["out_dir"]), None
+    if (out_dir / "last.pt").is_file():
+        try:
+            ckpt = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"checkpoint '{out_dir / 'last.pt'}' cannot be read ({type(e).__name__}); move it away "
+                              f"to start afresh")
         check_same_run(ckpt["config"], cfg, out_dir / "last.pt")
     if demo:  # the synthetic scenes of data.py, in data/synthetic/ (rewritten unless a previous call completed)
         make_synthetic_voc()
@@ -554,7 +542,10 @@ def start_run(cfg, demo, rank, world):
         for group, fresh in zip(run.optimizer.param_groups, param_groups(student, cfg)):
             group["base_lr"] = fresh["base_lr"]  # the learning rates may change on resume (RESUME_MAY_CHANGE)
         run.queue.load_state_dict(ckpt["queue"])
-        set_rng_state(ckpt["rng"], run.gen)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        run.gen.set_state(ckpt["rng"]["shared"])
         run.step = run.kept_step = ckpt["step"]
         run.skipped_images, run.bad_steps, run.elapsed_s = ckpt["skipped_images"], ckpt["bad_steps"], ckpt["elapsed_s"]
         if run.is_main:
@@ -569,7 +560,9 @@ def save(run, commit):
     if run.is_main:
         save_checkpoint(run.ckpt_path, {
             "student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "queue": run.queue.state_dict(), "rng": rng_state(run.gen),
+            "optimizer": run.optimizer.state_dict(), "queue": run.queue.state_dict(), "rng": {
+                "torch": torch.get_rng_state(), "shared": run.gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "step": run.step, "config": run.cfg, "skipped_images": run.skipped_images, "bad_steps": run.bad_steps,
             "elapsed_s": run.elapsed_s}, commit)
     run.kept_step, run.unverified = (run.step, None) if commit else (run.kept_step, run.step)
@@ -689,7 +682,7 @@ def train(cfg, demo=False):
         run.log.close()
         first, last = (sum(x) / len(x) if x else float("nan") for x in (run.losses[:5], run.losses[-5:]))
         print(f"done: step {run.step}/{run.total_steps}, loss {first:.4f} -> {last:.4f} (first/last 5 steps of this "
-              f"session), {run.elapsed_s / 60:.1f} min, {run.skipped_images} unreadable images replaced, "
+              f"process), {run.elapsed_s / 60:.1f} min, {run.skipped_images} unreadable images replaced, "
               f"{run.bad_steps} steps skipped; checkpoint {run.ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
