@@ -80,6 +80,10 @@ WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "_orig_mod.")
 CONTAINER_KEYS = ("teacher", "state_dict", "model", "student")
 
 
+def patch_size_of(name):
+    return ARCHS[name.removesuffix("_reg")][1]
+
+
 def round_to_patch(size, patch_size):
     """An image side in pixels -> the nearest multiple of the patch size (half rounds up), at least one patch."""
     return patch_size * max(1, int(size / patch_size + 0.5))

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data import (READ_ATTEMPTS, MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois,
                   make_synthetic_voc, photometric_params)
-from model import BACKBONE_NAMES, ProjectionHead, build_backbone
+from model import BACKBONE_NAMES, ProjectionHead, build_backbone, patch_size_of, round_to_patch
 from sort import diff_sort
 
 # -----------------------------------------------------------------------------
@@ -177,7 +177,8 @@ def one_of(*options):
 
 COUNT = "an integer >= 0", lambda v: _int(v) and v >= 0
 POSITIVE_INT = "an integer >= 1", lambda v: _int(v) and v >= 1
-PATCHES = "a positive multiple of the patch size 14", lambda v: _int(v) and v >= 14 and v % 14 == 0
+# image sides in pixels, rounded to the nearest multiple of the model's patch size (518 -> 512 at /16)
+PATCHES = "a size in pixels >= 8", lambda v: _int(v) and v >= 8
 POSITIVE = "a number > 0", lambda v: _num(v) and v > 0
 NON_NEGATIVE = "a number >= 0", lambda v: _num(v) and v >= 0
 FRACTION = "a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1
@@ -264,6 +265,8 @@ def validate(cfg, prefix="", demo=False):
         return
     m, d, n, t = cfg["model"], cfg["data"], cfg["neco"], cfg["train"]
     pick_device(t["device"], "train.device")
+    p = patch_size_of(m["arch"])  # the crops snap to whole patches: 518/98 px are 37x37/7x7 at /14, 32x32/6x6 at /16
+    d["global_size"], d["local_size"] = round_to_patch(d["global_size"], p), round_to_patch(d["local_size"], p)
     if n["references"] == "queue" and n["queue_size"] < n["num_references"]:
         raise ConfigError("config key 'neco.queue_size' must be at least neco.num_references")
     if n["references"] == "batch" and n["num_references"] > n["roi_size"] ** 2:
@@ -280,7 +283,7 @@ def validate(cfg, prefix="", demo=False):
                           f"of images), e.g. --set data.root=/data/coco/images/train2017, or run with --demo")
     weights = m["weights"]
     if weights not in (None, "hub") and not Path(weights).is_file():
-        raise ConfigError(f"model.weights '{weights}' is not a file: give a DINOv2 state_dict file, 'hub' for the "
+        raise ConfigError(f"model.weights '{weights}' is not a file: give a backbone state_dict file, 'hub' for the "
                           f"official checkpoint, or null for random initialisation")
 
 # -----------------------------------------------------------------------------
@@ -322,10 +325,7 @@ def build_models(cfg):
     teacher.backbone.load_state_dict(student.backbone.state_dict())
     if m["teacher_head"] == "copy":
         teacher.head.load_state_dict(student.head.state_dict())
-    teacher.requires_grad_(False)
-    # DINOv2's mask_token is only used by iBOT masking, never here: a parameter without a gradient would stall
-    # DistributedDataParallel's gradient buckets, so it stays frozen (and unchanged in the checkpoint)
-    student.backbone.mask_token.requires_grad_(False)
+    teacher.requires_grad_(False)  # (the backbone's mask_token is frozen in model.py: NeCo never uses it)
     return student, teacher
 
 
