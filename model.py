@@ -255,8 +255,9 @@ class VisionTransformer(nn.Module):
         self.register_tokens = None  # no key at all without registers: the plain checkpoints must load strictly
         if num_register_tokens:  # DINOv2's "register_tokens", DINOv3's "storage_tokens"
             setattr(self, fam["tokens"], nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)))
-        ramp = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if fam["ramp"] else [drop_path_rate] * depth
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, ffn_hidden, ffn, fam, rate) for rate in ramp)
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # a linear ramp over depth
+        rates = rates if fam["ramp"] else [drop_path_rate] * depth  # DINOv3: the full rate in every block
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, ffn_hidden, ffn, fam, rate) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=fam["eps"])
         if fam["mask_token"]:
             # iBOT's masking token: the checkpoints carry it, NeCo never uses it. Frozen, because a parameter
