@@ -558,7 +558,7 @@ def run(args):
     config = Path(args.config).expanduser() if args.config else Path(__file__).with_name("config.yaml")
     ev = eval_config(config, flatten_sets(args.set), args.demo)
     s, hub = ev[family], args.ckpt.startswith("hub:")
-    hub_names = [n for n in model.BACKBONE_NAMES if n.startswith("dinov2_")]  # those with released weights
+    hub_names = model.RELEASED  # the names with released weights
     if hub and args.ckpt[4:] not in hub_names:
         raise UserError(f"unknown hub model '{args.ckpt[4:]}'; choose one of {', '.join(hub_names)}")
     if not hub and not Path(args.ckpt).expanduser().is_file():
@@ -573,11 +573,12 @@ def run(args):
     UNREADABLE.clear()
     root, train_set, val_set = make_datasets(family, dataset, ev, s, args.data_root, args.demo)
     check_val_set(val_set)
-    points = len(val_set) * (s["image_size"] // model.PATCH_SIZE) ** 2
+    backbone, about = load_backbone(args.ckpt, args.teacher)
+    s["image_size"] = model.round_to_patch(s["image_size"], backbone.patch_size)  # 504 (36x36 at /14) -> 512 at /16
+    points = len(val_set) * (s["image_size"] // backbone.patch_size) ** 2
     if family == "cluster" and max(K or val_set.num_classes for K in s["ks"]) > points:  # K-means needs K points
         raise ConfigError(f"config key 'eval.cluster.ks' asks for more clusters than the {points} val patch tokens "
                           f"({len(val_set)} images), got {s['ks']}")
-    backbone, about = load_backbone(args.ckpt, args.teacher)
     backbone.set_pos_embed_rule(s["pos_embed_rule"])  # per family: the resizing its reference evaluator ran with
     device = pick_device(ev["device"], "eval.device")
     print(f"{args.task}: {about['arch']} on {device}, {len(val_set)} val images"
@@ -612,7 +613,7 @@ def run(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Dense evaluation (in-context, linear, K-means) of a backbone checkpoint")
-    p.add_argument("--ckpt", required=True, help="train.py checkpoint, state_dict file, or hub:<dinov2 name>")
+    p.add_argument("--ckpt", required=True, help="train.py checkpoint, state_dict file, or hub:<name> (model.RELEASED)")
     p.add_argument("--task", required=True, help=", ".join(TASKS))
     p.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher of a train.py checkpoint")
     p.add_argument("--data-root", help="dataset folder (default: eval.roots in the config)")

@@ -1,23 +1,27 @@
 """
-The DINOv2 vision transformer (with or without registers) and NeCo's projection head.
+Vision transformers of the DINO family (DINO, DINOv2 with or without registers, DINOv3) and NeCo's projection head.
 
-The module loads the official DINOv2 checkpoints with strict=True and gives the official features at any input size
-whose sides are multiples of 14. It needs only torch and the standard library: copy this file alone into another
-project if you like.
+Each model loads its released backbone file with strict=True and gives the official features at any input size whose
+sides are multiples of its patch size. The module needs only torch and the standard library: copy this file alone
+into another project if you like.
 
     from model import build_backbone
     vit = build_backbone("dinov2_vits14_reg", weights="hub")          # downloads once, then reads the cache
-    vit = build_backbone("dinov2_vits14_reg", weights="ckpt.pth")     # a local file (DINOv2, NeCo or our train.py)
+    vit = build_backbone("dino_vits16", weights="ckpt.pth")           # a local file (official, NeCo or our train.py)
     vit = build_backbone("dinov2_vits14_reg", weights="hub", num_register_tokens=0)  # registers excluded
-    feats = vit.forward_features(images)["x_norm_patchtokens"]         # (B, H/14 * W/14, D)
+    feats = vit.forward_features(images)["x_norm_patchtokens"]         # (B, H/p * W/p, D)
 
 Offline: weights="hub" reads $TORCH_HOME/hub/checkpoints/<file> (default ~/.cache/torch/hub/checkpoints) and does
-not touch the network when the file is there. Copy the official file there, or pass its path as weights.
-Names: dinov2_vit{s,b,l,g}14 and dinov2_vit{s,b,l,g}14_reg (the hub's), plus vit_tiny14 and vit_tiny14_reg
-(dim 192, depth 6, 3 heads, MLP 768, same 37x37 position grid) for the offline demo and the tests; the tiny
-ones have no released weights.
+not touch the network when the file is there. DINOv3's files are gated: request them, then pass the file's path or
+put it in that folder under its released name (see DINOV3_FILES).
+The three families differ only in a few switches (FAMILIES): DINO has no LayerScale, registers or mask_token;
+DINOv2 adds LayerScale and, in the _reg release, 4 registers; DINOv3 replaces the learned position embedding with
+RoPE on the patch tokens' queries and keys, has 4 storage tokens, LayerNorm eps 1e-5 and a zeroed key bias.
+Every family is normalised with the ImageNet mean and std (data.IMAGENET_MEAN/STD).
 """
 
+import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -26,20 +30,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-HUB_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
-PATCH_SIZE = 14
-POS_GRID = 37  # every DINOv2 checkpoint was trained at 518 px: 37 x 37 patches, pos_embed (1, 1 + 37*37, D)
-
-# arch -> embed_dim, depth, num_heads, ffn hidden width, ffn kind ("swiglu": w12 = [2*hidden, D], w3 = [D, hidden])
-ARCHS = {
-    "dinov2_vits14": (384, 12, 6, 1536, "mlp"),
-    "dinov2_vitb14": (768, 12, 12, 3072, "mlp"),
-    "dinov2_vitl14": (1024, 24, 16, 4096, "mlp"),
-    "dinov2_vitg14": (1536, 40, 24, 4096, "swiglu"),
-    "vit_tiny14": (192, 6, 3, 768, "mlp"),
+# family -> what its releases share. pos_size: the image side the learned pos_embed was trained at (None: RoPE);
+# eps: LayerNorm; layerscale: LayerScale init (None: no LayerScale); tokens: the name of the extra tokens after cls;
+# k_bias_mask: the qkv bias is multiplied by a stored mask that zeroes the key third; ramp: stochastic depth grows
+# linearly over depth (else every block gets the full rate); url: the released files' base
+FAMILIES = {
+    "dino": dict(pos_size=224, eps=1e-6, layerscale=None, tokens=None, mask_token=False, k_bias_mask=False,
+                 ramp=True, url="https://dl.fbaipublicfiles.com/dino"),
+    "dinov2": dict(pos_size=518, eps=1e-6, layerscale=1.0, tokens="register_tokens", mask_token=True,
+                   k_bias_mask=False, ramp=True, url="https://dl.fbaipublicfiles.com/dinov2"),
+    "dinov3": dict(pos_size=None, eps=1e-5, layerscale=1e-5, tokens="storage_tokens", mask_token=True,
+                   k_bias_mask=True, ramp=False, url=None),
 }
-BACKBONE_NAMES = tuple(arch + suffix for arch in ARCHS for suffix in ("", "_reg"))
-DEFAULT_REGISTERS = 4  # the released "_reg" checkpoints all have 4 registers
+# name -> family, patch, embed_dim, depth, num_heads, ffn hidden, ffn ("mlp"; "swiglu": DINOv3's w1, w2, w3;
+# "swiglu_fused": DINOv2's w12 = [2*hidden, D] and w3). The tiny ones (no released weights) serve the demo and tests.
+ARCHS = {
+    "dino_vits16": ("dino", 16, 384, 12, 6, 1536, "mlp"), "dino_vits8": ("dino", 8, 384, 12, 6, 1536, "mlp"),
+    "dino_vitb16": ("dino", 16, 768, 12, 12, 3072, "mlp"), "dino_vitb8": ("dino", 8, 768, 12, 12, 3072, "mlp"),
+    "dino_vit_tiny16": ("dino", 16, 192, 6, 3, 768, "mlp"),
+    "dinov2_vits14": ("dinov2", 14, 384, 12, 6, 1536, "mlp"), "dinov2_vitb14": ("dinov2", 14, 768, 12, 12, 3072, "mlp"),
+    "dinov2_vitl14": ("dinov2", 14, 1024, 24, 16, 4096, "mlp"),
+    "dinov2_vitg14": ("dinov2", 14, 1536, 40, 24, 4096, "swiglu_fused"),
+    "vit_tiny14": ("dinov2", 14, 192, 6, 3, 768, "mlp"),
+    "dinov3_vits16": ("dinov3", 16, 384, 12, 6, 1536, "mlp"),
+    "dinov3_vits16plus": ("dinov3", 16, 384, 12, 6, 1536, "swiglu"),  # int(6 * 384 * 2/3), a multiple of 8
+    "dinov3_vitb16": ("dinov3", 16, 768, 12, 12, 3072, "mlp"),
+    "dinov3_vitl16": ("dinov3", 16, 1024, 24, 16, 4096, "mlp"),
+    "dinov3_vit_tiny16": ("dinov3", 16, 192, 6, 3, 768, "mlp"),
+}
+# DINOv2 names come with and without "_reg"; the others have one layout each
+BACKBONE_NAMES = tuple(n + s for n, a in ARCHS.items() for s in (("", "_reg") if a[0] == "dinov2" else ("",)))
+DEFAULT_REGISTERS = 4  # the DINOv2 "_reg" release and every DINOv3 model have 4
+# DINO's released backbone files (the teacher's weights) under FAMILIES["dino"]["url"]
+DINO_FILES = {"dino_vits16": "dino_deitsmall16_pretrain", "dino_vits8": "dino_deitsmall8_pretrain",
+              "dino_vitb16": "dino_vitbase16_pretrain", "dino_vitb8": "dino_vitbase8_pretrain"}
+# DINOv3's gated LVD-1689M files: the released name ends in the first 8 hex digits of the file's SHA-256
+DINOV3_FILES = {"dinov3_vits16": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
+                "dinov3_vits16plus": "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
+                "dinov3_vitb16": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
+                "dinov3_vitl16": "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"}
+DINOV3_FORM = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+RELEASED = tuple(n for n in BACKBONE_NAMES if n.startswith("dinov2_") or n in DINO_FILES or n in DINOV3_FILES)
 
 # keys that belong to a projection head (NeCo, DINO, iBOT): not part of the backbone, ignored when loading
 HEAD_PREFIXES = ("head.", "heads.", "projection_head.", "dino_head.", "ibot_head.")
@@ -48,8 +79,17 @@ WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "_orig_mod.")
 # dicts that hold a state_dict; the teacher first because that is the model one evaluates after DINO-style training
 CONTAINER_KEYS = ("teacher", "state_dict", "model", "student")
 
+
+def patch_size_of(name):
+    return ARCHS[name.removesuffix("_reg")][1]
+
+
+def round_to_patch(size, patch_size):
+    """An image side in pixels -> the nearest multiple of the patch size (half rounds up), at least one patch."""
+    return patch_size * max(1, int(size / patch_size + 0.5))
+
 # -----------------------------------------------------------------------------
-# layers
+# layers, shared by the families
 
 
 def drop_path(x, rate, training):
@@ -64,26 +104,61 @@ def drop_path(x, rate, training):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, embed_dim, patch_size=PATCH_SIZE):
+    def __init__(self, embed_dim, patch_size):
         super().__init__()
         self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x):  # (B, 3, H, W) -> (B, H/14 * W/14, D), patches row-major
+    def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D), patches row-major
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class RopeEmbed(nn.Module):
+    """DINOv3's axial RoPE: per head, dims j and j + hd/2 rotate together (rotate-half); j < hd/4 by the row
+    coordinate with period periods[j], the next hd/4 by the column coordinate. Coordinates are patch centres scaled
+    to (-1, 1) per axis, so a larger image gets finer, not more, positions. The training-time coordinate rescale of
+    DINOv3's pretraining is left out on purpose: post-training sees the positions the model is evaluated with."""
+
+    def __init__(self, head_dim, base=100.0):
+        super().__init__()
+        periods = base ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))  # (hd/4,)
+        self.register_buffer("periods", periods)  # persistent: the released files carry it
+
+    def forward(self, h, w):  # -> sin, cos, each (h * w, hd), float32
+        coords_h = (torch.arange(h, device=self.periods.device, dtype=torch.float32) + 0.5) / h
+        coords_w = (torch.arange(w, device=self.periods.device, dtype=torch.float32) + 0.5) / w
+        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)  # (hw, 2)
+        angles = 2 * math.pi * (2 * coords - 1)[:, :, None] / self.periods.float()  # (hw, 2, hd/4)
+        angles = angles.flatten(1).tile(2)  # (hw, hd): [h | w | h | w]
+        return angles.sin(), angles.cos()
+
+
+def apply_rope(x, sin, cos):
+    """Rotate the last hw tokens of x (B, heads, N, hd); the first N - hw (cls, storage) stay as they are. The
+    rotation runs in float32 (as DINOv3's released models) and is cast back."""
+    prefix = x.shape[-2] - sin.shape[0]
+    t = x[..., prefix:, :].float()
+    t1, t2 = t.chunk(2, dim=-1)
+    rotated = t * cos + torch.cat((-t2, t1), dim=-1) * sin
+    return torch.cat((x[..., :prefix, :], rotated.to(x.dtype)), dim=-2)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, k_bias_mask=False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)  # rows: q | k | v, heads contiguous within each
+        if k_bias_mask:  # DINOv3: a stored mask, 1 on q and v, 0 on k (a key bias only shifts all logits equally)
+            self.qkv.register_buffer("bias_mask", torch.ones(3 * dim).index_fill_(0, torch.arange(dim, 2 * dim), 0))
         self.proj = nn.Linear(dim, dim)
-        self.fused = True  # False: the explicit softmax(q k^T / sqrt(d)) v of DINOv2's plain Attention class
+        self.fused = True  # False: the explicit softmax(q k^T / sqrt(d)) v of DINO's and DINOv2's plain Attention
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        mask = getattr(self.qkv, "bias_mask", None)
+        qkv = self.qkv(x) if mask is None else F.linear(x, self.qkv.weight, self.qkv.bias * mask.to(x.dtype))
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.fused:
             # SDPA uses the default scale head_dim^-0.5 and picks flash / memory-efficient kernels on GPU: the
             # (N, N) attention matrix is never stored
@@ -98,7 +173,7 @@ class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()  # exact (erf) GELU, as DINOv2
+        self.act = nn.GELU()  # exact (erf) GELU in every family
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
@@ -106,20 +181,23 @@ class Mlp(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """ViT-g's feed-forward: silu(x W1) * (x W2), then W3; W1 and W2 live fused in w12."""
+    """silu(x W1) * (x W2), then W3. DINOv2's ViT-g stores W1 and W2 fused in w12, DINOv3's S+ as w1 and w2."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, fused):
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
+        if fused:
+            self.w12 = nn.Linear(dim, 2 * hidden)
+        else:
+            self.w1, self.w2 = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        x1, x2 = self.w12(x).chunk(2, dim=-1) if hasattr(self, "w12") else (self.w1(x), self.w2(x))
         return self.w3(F.silu(x1) * x2)
 
 
 class LayerScale(nn.Module):
-    def __init__(self, dim, init_value=1.0):
+    def __init__(self, dim, init_value):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
 
@@ -128,20 +206,21 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); DINO has no LayerScale."""
 
-    def __init__(self, dim, num_heads, ffn_hidden, ffn="mlp", drop_path=0.0):
+    def __init__(self, dim, num_heads, ffn_hidden, ffn, fam, drop_path=0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = SwiGLU(dim, ffn_hidden) if ffn == "swiglu" else Mlp(dim, ffn_hidden)
-        self.ls2 = LayerScale(dim)
+        ls = fam["layerscale"]
+        self.norm1 = nn.LayerNorm(dim, eps=fam["eps"])
+        self.attn = Attention(dim, num_heads, fam["k_bias_mask"])
+        self.ls1 = LayerScale(dim, ls) if ls else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=fam["eps"])
+        self.mlp = Mlp(dim, ffn_hidden) if ffn == "mlp" else SwiGLU(dim, ffn_hidden, fused=ffn == "swiglu_fused")
+        self.ls2 = LayerScale(dim, ls) if ls else nn.Identity()
         self.drop_path = drop_path
 
-    def forward(self, x):  # (B, T, D) -> (B, T, D)
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
+    def forward(self, x, rope=None):  # (B, T, D) -> (B, T, D)
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x), rope)), self.drop_path, self.training)
         x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
         return x
 
@@ -150,57 +229,72 @@ class Block(nn.Module):
 # the backbone
 
 
-class DinoVisionTransformer(nn.Module):
-    def __init__(self, embed_dim=384, depth=12, num_heads=6, ffn_hidden=1536, ffn="mlp", num_register_tokens=0,
-                 interpolate_antialias=False, interpolate_offset=0.1, drop_path_rate=0.0):
+class VisionTransformer(nn.Module):
+    def __init__(self, family="dinov2", patch_size=14, embed_dim=384, depth=12, num_heads=6, ffn_hidden=1536,
+                 ffn="mlp", num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1,
+                 drop_path_rate=0.0):
         super().__init__()
-        self.embed_dim = embed_dim
-        self.n_blocks = depth
-        self.num_heads = num_heads
-        self.patch_size = PATCH_SIZE
+        fam = FAMILIES[family]
+        self.family, self.embed_dim, self.n_blocks, self.num_heads = family, embed_dim, depth, num_heads
+        self.patch_size = patch_size
         self.num_register_tokens = num_register_tokens
-        # how pos_embed is resized; the register and the non-register releases were trained with different rules
+        # how pos_embed is resized; DINOv2's register and first releases were trained with different rules
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
         self.release_rule = (interpolate_antialias, interpolate_offset)  # the release's own: set_pos_embed_rule
         self.grad_checkpointing = False  # True: recompute each block in backward (saves memory for ViT-B/L)
 
-        self.patch_embed = PatchEmbed(embed_dim)
+        self.patch_embed = PatchEmbed(embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + POS_GRID * POS_GRID, embed_dim))
-        if num_register_tokens:
-            self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+        self.pos_grid = fam["pos_size"] // patch_size if fam["pos_size"] else None  # 37 (DINOv2), 14 or 28 (DINO)
+        if self.pos_grid:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_grid ** 2, embed_dim))
+            self.rope_embed = None
         else:
-            self.register_tokens = None  # no key at all: the non-register checkpoints must load strictly
-        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # DINOv2's rule: linear ramp over depth
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, ffn_hidden, ffn, rate) for rate in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # unused here, but the checkpoints carry it
+            self.rope_embed = RopeEmbed(embed_dim // num_heads)
+        self.register_tokens = None  # no key at all without registers: the plain checkpoints must load strictly
+        if num_register_tokens:  # DINOv2's "register_tokens", DINOv3's "storage_tokens"
+            setattr(self, fam["tokens"], nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)))
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # a linear ramp over depth
+        rates = rates if fam["ramp"] else [drop_path_rate] * depth  # DINOv3: the full rate in every block
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, ffn_hidden, ffn, fam, rate) for rate in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=fam["eps"])
+        if fam["mask_token"]:
+            # iBOT's masking token: the checkpoints carry it, NeCo never uses it. Frozen, because a parameter
+            # without a gradient would stall DistributedDataParallel's gradient buckets
+            self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False)
         self.init_weights()
 
     def init_weights(self):
-        # DINOv2's init; LayerNorm, LayerScale (1.0), the patch conv and mask_token keep their constructor values
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # DINOv2's init for every family; LayerNorm, LayerScale, the patch conv and mask_token keep their
+        # constructor values
+        if self.pos_grid:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
+        if self.num_register_tokens:
+            nn.init.normal_(self.extra_tokens, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def extra_tokens(self):  # (1, R, D): the registers or storage tokens
+        return getattr(self, FAMILIES[self.family]["tokens"])
+
     def interpolate_pos_embed(self, grid_h, grid_w, dtype):
         """Position embedding for a grid_h x grid_w patch grid: (1, 1 + grid_h * grid_w, D)."""
-        if grid_h == POS_GRID and grid_w == POS_GRID:
+        M = self.pos_grid
+        if grid_h == M and grid_w == M:
             return self.pos_embed  # the trained size: used unchanged
         D = self.embed_dim
         pos = self.pos_embed.float()  # resample in float32 even when the model runs in half precision
         cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
-        patch_pos = patch_pos.reshape(1, POS_GRID, POS_GRID, D).permute(0, 3, 1, 2)  # (1, D, 37, 37)
+        patch_pos = patch_pos.reshape(1, M, M, D).permute(0, 3, 1, 2)  # (1, D, M, M)
         if self.interpolate_offset:
-            # the non-register release resizes by a scale factor with a +0.1 offset; the factor also sets where the
-            # bicubic kernel samples, so it is not the same as asking for the output size
-            scale = ((grid_h + self.interpolate_offset) / POS_GRID, (grid_w + self.interpolate_offset) / POS_GRID)
+            # DINO and DINOv2's first release resize by a scale factor with a +0.1 offset; the factor also sets
+            # where the bicubic kernel samples, so it is not the same as asking for the output size
+            scale = ((grid_h + self.interpolate_offset) / M, (grid_w + self.interpolate_offset) / M)
             patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic",
                                       antialias=self.interpolate_antialias)
         else:
@@ -210,7 +304,7 @@ class DinoVisionTransformer(nn.Module):
         return torch.cat((cls_pos, patch_pos), dim=1).to(dtype)  # (1, 1 + N, D)
 
     def prepare_tokens(self, x):
-        """Images (B, 3, H, W) -> tokens (B, 1 + R + N, D) in the order [cls, registers, patches]."""
+        """Images (B, 3, H, W) -> tokens (B, 1 + R + N, D) in the order [cls, registers or storage, patches]."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
         B, _, H, W = x.shape
@@ -219,18 +313,19 @@ class DinoVisionTransformer(nn.Module):
                              f"resize or crop the input")
         x = self.patch_embed(x)  # (B, N, D)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1 + N, D)
-        # positions go to cls and patches only: the registers are inserted afterwards and get none
-        x = x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size, x.dtype)
-        if self.register_tokens is not None:
-            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)  # (B, 1 + R + N, D)
+        if self.pos_grid:  # positions go to cls and patches only: the registers are inserted afterwards
+            x = x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size, x.dtype)
+        if self.num_register_tokens:
+            x = torch.cat((x[:, :1], self.extra_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)  # (B, 1 + R + N, D)
         return x
 
     def set_pos_embed_rule(self, rule):
-        """How pos_embed is resized to other grids. "dinov2": the rule of the release these weights come from (the
-        register release: the exact grid with antialias; the first release: a scale factor with a +0.1 offset).
-        "neco": NeCo's own ViT, which resizes every model, registers included, by scale factors (grid + 0.1) / 37,
-        bicubic, no antialias; NeCo's training and its linear and K-means evaluations ran with it. The two differ
-        most at small grids such as the 7x7 of a 98 px local crop."""
+        """How pos_embed is resized to other grids. "dinov2": the rule of the release these weights come from
+        (DINOv2 with registers: the exact grid with antialias; DINOv2's first release and DINO: a scale factor
+        with a +0.1 offset). "neco": NeCo's own ViT, which resizes every model, registers included, by scale
+        factors (grid + 0.1) / 37, bicubic, no antialias; NeCo's training and its linear and K-means evaluations ran
+        with it. The two differ most at small grids such as the 7x7 of a 98 px local crop. For DINO both rules are
+        the same; DINOv3 has no learned position embedding, so either rule leaves it unchanged."""
         if rule == "dinov2":
             self.interpolate_antialias, self.interpolate_offset = self.release_rule
         elif rule == "neco":
@@ -244,23 +339,33 @@ class DinoVisionTransformer(nn.Module):
         for block in self.blocks:
             block.attn.fused = fused
 
-    def run_block(self, block, x):
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        return block(x)
+    def run_blocks(self, x, H, W, last=None):
+        """Tokens through blocks 0..last (all by default); yields each block's output."""
+        # RoPE is the same in every block (in eval mode, which post-training keeps): computed once
+        rope = self.rope_embed(H // self.patch_size, W // self.patch_size) if self.rope_embed is not None else None
+        for block in self.blocks[:None if last is None else last + 1]:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+            yield x
 
     def forward_features(self, x):
+        H, W = x.shape[-2:]
         x = self.prepare_tokens(x)
-        for block in self.blocks:
-            x = self.run_block(block, x)
+        for x in self.run_blocks(x, H, W):
+            pass
         x_norm = self.norm(x)  # (B, 1 + R + N, D)
         R = self.num_register_tokens
-        return {
+        out = {
             "x_norm_clstoken": x_norm[:, 0],  # (B, D)
             "x_norm_regtokens": x_norm[:, 1:1 + R],  # (B, R, D)
             "x_norm_patchtokens": x_norm[:, 1 + R:],  # (B, N, D)
             "x_prenorm": x,  # (B, 1 + R + N, D)
         }
+        if self.family == "dinov3":
+            out["x_storage_tokens"] = out["x_norm_regtokens"]  # DINOv3's name (normalised too)
+        return out
 
     def blocks_to_take(self, n):
         """n: the last n blocks (int) or a list of block indices -> sorted list of block indices."""
@@ -273,25 +378,24 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"block indices {take}: give distinct indices in 0..{self.n_blocks - 1}")
         return sorted(take)  # outputs come in block order, as in DINOv2
 
-    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False, norm=True):
-        """Patch tokens of the last n blocks (or of the listed blocks), cls and registers stripped.
-        Each output is (B, N, D), or (B, D, H/14, W/14) with reshape; with return_class_token, (patches, cls)."""
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False, norm=True,
+                                return_extra_tokens=False):
+        """Patch tokens of the last n blocks (or of the listed blocks), cls and registers stripped, as DINOv2's
+        and DINOv3's. Each output is (B, N, D), or (B, D, H/p, W/p) with reshape; with return_class_token and/or
+        return_extra_tokens, tuples (patches, cls, registers)."""
         take = self.blocks_to_take(n)
         B, _, H, W = x.shape
         x = self.prepare_tokens(x)
-        outputs = []
-        for i, block in enumerate(self.blocks[:take[-1] + 1]):  # blocks after the last one taken are not needed
-            x = self.run_block(block, x)
-            if i in take:
-                outputs.append(self.norm(x) if norm else x)
+        outputs = [self.norm(t) if norm else t for i, t in enumerate(self.run_blocks(x, H, W, take[-1])) if i in take]
+        R = self.num_register_tokens
         class_tokens = [out[:, 0] for out in outputs]  # (B, D)
-        outputs = [out[:, 1 + self.num_register_tokens:] for out in outputs]  # (B, N, D)
+        extra_tokens = [out[:, 1:1 + R] for out in outputs]  # (B, R, D)
+        outputs = [out[:, 1 + R:] for out in outputs]  # (B, N, D)
         if reshape:
             h, w = H // self.patch_size, W // self.patch_size
             outputs = [out.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]  # (B, D, h, w)
-        if return_class_token:
-            return tuple(zip(outputs, class_tokens))
-        return tuple(outputs)
+        parts = [outputs] + [class_tokens] * return_class_token + [extra_tokens] * return_extra_tokens
+        return tuple(zip(*parts)) if len(parts) > 1 else tuple(outputs)
 
     def forward(self, x):
         return self.forward_features(x)["x_norm_clstoken"]  # (B, D)
@@ -362,7 +466,7 @@ def strip_wrapper_prefixes(key):
 
 
 def clean_state_dict(sd):
-    """Checkpoint dict -> (backbone state_dict with DINOv2's key names, ignored head keys as stored in the file)."""
+    """Checkpoint dict -> (backbone state_dict with the official key names, ignored head keys as stored in the file)."""
     sd = unwrap_container(sd)
     backbone, ignored = {}, []
     for key, value in sd.items():
@@ -400,34 +504,47 @@ def load_backbone_weights(model, state_dict, ignore_register_tokens=False):
 
 
 def infer_arch(state_dict):
-    """(name, num_register_tokens) from a checkpoint's shapes, e.g. ("dinov2_vits14_reg", 4).
-    A registers-excluded model trained from the _reg weights has no register_tokens and reads as the non-register
-    name; shapes cannot tell the two apart (only the pos_embed resizing rule differs)."""
+    """(name, num_register_tokens) from a checkpoint's keys and shapes, e.g. ("dinov2_vits14_reg", 4). DINOv3
+    carries rope_embed.periods, DINO no LayerScale; the patch conv gives the patch size. A registers-excluded model
+    trained from DINOv2's _reg weights has no register_tokens and reads as the non-register name; shapes cannot
+    tell the two apart (only the pos_embed resizing rule differs)."""
     sd, _ = clean_state_dict(state_dict)
-    if "pos_embed" not in sd or "blocks.0.norm1.weight" not in sd:
-        raise ValueError(f"not a DINOv2 backbone checkpoint: keys {shorten(sd)}")
-    dim = sd["pos_embed"].shape[-1]
+    if "patch_embed.proj.weight" not in sd or "blocks.0.norm1.weight" not in sd:
+        raise ValueError(f"not a DINO, DINOv2 or DINOv3 backbone checkpoint: keys {shorten(sd)}")
+    family = "dinov3" if "rope_embed.periods" in sd else "dinov2" if "blocks.0.ls1.gamma" in sd else "dino"
+    dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    for arch, (embed_dim, n_blocks, *_) in ARCHS.items():
-        if (embed_dim, n_blocks) == (dim, depth):
-            registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
-            return (arch + "_reg" if registers else arch), registers
-    raise ValueError(f"no known architecture has embed dim {dim} and {depth} blocks; known: {', '.join(ARCHS)}")
+    ffn = "swiglu_fused" if "blocks.0.mlp.w12.weight" in sd else "swiglu" if "blocks.0.mlp.w1.weight" in sd else "mlp"
+    for name, arch in ARCHS.items():
+        if (arch[:4], arch[6]) == ((family, patch, dim, depth), ffn):
+            registers = sd[FAMILIES[family]["tokens"]].shape[1] if FAMILIES[family]["tokens"] in sd else 0
+            return (name + "_reg" if registers and family == "dinov2" else name), registers
+    raise ValueError(f"no known {family} architecture has patch {patch}, embed dim {dim} and {depth} blocks; "
+                     f"known: {', '.join(ARCHS)}")
 
 
 def hub_checkpoint(name):
-    """(url, file name) of the official checkpoint for a hub name."""
+    """(url, file name) of the official checkpoint for a hub name (DINOv3: url None, the files are gated)."""
     arch = name.removesuffix("_reg")
+    if name in DINOV3_FILES:
+        return None, DINOV3_FILES[name]
+    if name in DINO_FILES:
+        return f"{FAMILIES['dino']['url']}/{DINO_FILES[name]}/{DINO_FILES[name]}.pth", f"{DINO_FILES[name]}.pth"
     if not arch.startswith("dinov2_"):
         raise ValueError(f"{name} has no released weights; use weights=None or a local checkpoint path")
     file_name = f"{arch}_reg{DEFAULT_REGISTERS}_pretrain.pth" if name.endswith("_reg") else f"{arch}_pretrain.pth"
-    return f"{HUB_BASE_URL}/{arch}/{file_name}", file_name
+    return f"{FAMILIES['dinov2']['url']}/{arch}/{file_name}", file_name
 
 
 def load_hub_state_dict(name):
     """The official checkpoint through torch.hub's cache: no network when the file is already there."""
     url, file_name = hub_checkpoint(name)
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    if url is None:  # DINOv3: only the cache, under the released file name
+        if not (cache_dir / file_name).is_file():
+            raise FileNotFoundError(f"DINOv3 weights are gated: request them at {DINOV3_FORM}, then pass the file "
+                                    f"as weights (model.weights=/path/{file_name}) or put it in {cache_dir}")
+        return load_checkpoint_file(cache_dir / file_name)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False, file_name=file_name,
                                                   weights_only=True)
@@ -441,25 +558,29 @@ def load_checkpoint_file(path):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}; pass an existing file, or weights='hub' with "
                                 f"the official file in $TORCH_HOME/hub/checkpoints")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # DINO's full checkpoints store their command line as an argparse.Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated download, not a torch file, pickled objects beyond tensors and containers
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeError(f"cannot read checkpoint {path}: {first_line}") from None
 
 
 def build_backbone(name, weights=None, num_register_tokens=None, drop_path_rate=0.0, pos_embed_rule="dinov2"):
-    """A DINOv2 ViT by hub name. weights: None (random init), "hub", a file path, or a loaded state_dict.
+    """A ViT by hub name. weights: None (random init), "hub", a file path, or a loaded state_dict.
     pos_embed_rule: "dinov2" (the release's own resizing of pos_embed, as the official code) or "neco" (see
-    DinoVisionTransformer.set_pos_embed_rule).
+    VisionTransformer.set_pos_embed_rule).
     num_register_tokens=0 on a _reg name builds the registers-excluded variant and drops the checkpoint's
     register_tokens (it keeps the _reg release's pos_embed resizing rule, which those weights were trained with)."""
     if name not in BACKBONE_NAMES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
-    has_registers = name.endswith("_reg")
-    embed_dim, depth, num_heads, ffn_hidden, ffn = ARCHS[name.removesuffix("_reg")]
+    family, patch, embed_dim, depth, num_heads, ffn_hidden, ffn = ARCHS[name.removesuffix("_reg")]
+    has_registers = name.endswith("_reg") or family == "dinov3"
     if num_register_tokens is None:
         num_register_tokens = DEFAULT_REGISTERS if has_registers else 0
+    if family == "dinov3" and num_register_tokens != DEFAULT_REGISTERS:
+        raise ValueError(f"num_register_tokens={num_register_tokens} does not fit {name}: DINOv3 models have "
+                         f"{DEFAULT_REGISTERS} storage tokens")
     if num_register_tokens < 0 or (num_register_tokens and not has_registers):
         raise ValueError(f"num_register_tokens={num_register_tokens} does not fit {name}: only _reg names take "
                          f"registers (0 on a _reg name builds the registers-excluded variant)")
@@ -474,13 +595,13 @@ def build_backbone(name, weights=None, num_register_tokens=None, drop_path_rate=
         state_dict = weights
     else:
         raise ValueError(f"weights must be None, 'hub', a path or a state_dict, got {type(weights).__name__}")
-    model = DinoVisionTransformer(
-        embed_dim, depth, num_heads, ffn_hidden, ffn, num_register_tokens,
-        # the register release resizes pos_embed to the exact grid with antialiasing, the first release by a
-        # scale factor with a 0.1 offset and no antialiasing (see interpolate_pos_embed)
-        interpolate_antialias=has_registers, interpolate_offset=0.0 if has_registers else 0.1,
-        drop_path_rate=drop_path_rate).set_pos_embed_rule(pos_embed_rule)
+    # DINOv2's register release resizes pos_embed to the exact grid with antialiasing; its first release and DINO
+    # by a scale factor with a 0.1 offset and no antialiasing (see interpolate_pos_embed)
+    exact = name.endswith("_reg")
+    model = VisionTransformer(family, patch, embed_dim, depth, num_heads, ffn_hidden, ffn, num_register_tokens,
+                              interpolate_antialias=exact, interpolate_offset=0.0 if exact else 0.1,
+                              drop_path_rate=drop_path_rate).set_pos_embed_rule(pos_embed_rule)
     if state_dict is None:
         return model
-    load_backbone_weights(model, state_dict, ignore_register_tokens=has_registers and num_register_tokens == 0)
+    load_backbone_weights(model, state_dict, ignore_register_tokens=exact and num_register_tokens == 0)
     return model

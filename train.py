@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from data import (READ_ATTEMPTS, MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois,
                   make_synthetic_voc, photometric_params)
-from model import BACKBONE_NAMES, ProjectionHead, build_backbone
+from model import BACKBONE_NAMES, ProjectionHead, build_backbone, patch_size_of, round_to_patch
 from sort import diff_sort
 
 # -----------------------------------------------------------------------------
@@ -202,10 +202,7 @@ def build_models(cfg):
     teacher.backbone.load_state_dict(student.backbone.state_dict())
     if m["teacher_head"] == "copy":
         teacher.head.load_state_dict(student.head.state_dict())
-    teacher.requires_grad_(False)
-    # DINOv2's mask_token is only used by iBOT masking, never here: a parameter without a gradient would stall
-    # DistributedDataParallel's gradient buckets, so it stays frozen (and unchanged in the checkpoint)
-    student.backbone.mask_token.requires_grad_(False)
+    teacher.requires_grad_(False)  # (the backbone's mask_token is frozen in model.py: NeCo never uses it)
     return student, teacher
 
 # -----------------------------------------------------------------------------
@@ -781,7 +778,8 @@ def one_of(*options):
 
 COUNT = rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
 POSITIVE_INT = rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
-PATCHES = rule("a positive multiple of the patch size 14", lambda v: is_int(v) and v >= 14 and v % 14 == 0)
+# image sides in pixels, rounded to the nearest multiple of the model's patch size (518 -> 512 at /16)
+PATCHES = rule("a size in pixels >= 8", lambda v: is_int(v) and v >= 8)
 POSITIVE = rule("a number > 0", lambda v: is_num(v) and v > 0)
 NON_NEGATIVE = rule("a number >= 0", lambda v: is_num(v) and v >= 0)
 FRACTION = rule("a number in [0, 1]", lambda v: is_num(v) and 0 <= v <= 1)
@@ -866,6 +864,8 @@ def validate(cfg, prefix="", demo=False):
         return
     m, d, n = cfg["model"], cfg["data"], cfg["neco"]
     pick_device(cfg["train"]["device"], "train.device")
+    p = patch_size_of(m["arch"])  # the crops snap to whole patches: 518/98 px are 37x37/7x7 at /14, 32x32/6x6 at /16
+    d["global_size"], d["local_size"] = round_to_patch(d["global_size"], p), round_to_patch(d["local_size"], p)
     if n["references"] == "queue" and n["queue_size"] < n["num_references"]:
         raise ConfigError("config key 'neco.queue_size' must be at least neco.num_references")
     if n["references"] == "batch" and n["num_references"] > n["roi_size"] ** 2:
@@ -880,7 +880,7 @@ def validate(cfg, prefix="", demo=False):
         raise ConfigError(f"data.root '{d['root']}' is not a folder: point data.root at COCO train2017 (or any folder "
                           f"of images), e.g. --set data.root=/data/coco/images/train2017, or run with --demo")
     if m["weights"] not in (None, "hub") and not Path(m["weights"]).is_file():
-        raise ConfigError(f"model.weights '{m['weights']}' is not a file: give a DINOv2 state_dict file, 'hub' for "
+        raise ConfigError(f"model.weights '{m['weights']}' is not a file: give a backbone state_dict file, 'hub' for "
                           f"the official checkpoint, or null for random initialisation")
 
 def pick_device(want, key="train.device"):

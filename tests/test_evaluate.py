@@ -883,3 +883,29 @@ def test_voc_incontext_agrees_with_brute_force(protocol, ckpt, tmp_path, capsys)
     got = result["miou_variants"]["plain"]  # the brute force scores without matching, over the classes present
     assert abs(got - expected) <= 1.0, (got, expected)
     assert result["miou"] == result["miou_variants"]["dip" if dip else "hbird"]
+
+
+@pytest.mark.parametrize("arch,registers", [("dino_vit_tiny16", 0), ("dinov3_vit_tiny16", 4)])
+def test_incontext_for_dino_and_dinov3(arch, registers, voc, tmp_path, capsys, monkeypatch):
+    """A train.py checkpoint and a bare released-style state_dict of each /16 family: image sizes snap to the patch
+    (56 -> 64 px, 4x4 patches), and the memory holds patches of that grid."""
+    torch.manual_seed(0)
+    backbone = model.build_backbone(arch)
+    pair = nn.ModuleDict({"backbone": backbone, "head": nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(192, 32))})})
+    torch.save({"student": pair.state_dict(), "teacher": pair.state_dict(), "step": 1,
+                "config": {"model": {"arch": arch, "num_register_tokens": registers}}}, tmp_path / "last.pt")
+    torch.save(backbone.state_dict(), tmp_path / "released.pth")
+    results = []
+    for ckpt in ("last.pt", "released.pth"):
+        rc, result, err = run_cli(capsys, ["--ckpt", tmp_path / ckpt, "--task", "voc_incontext", "--data-root", voc,
+                                           "--out", tmp_path / "res.jsonl", "--set", *TINY,
+                                           "eval.incontext.memory_size=200", "eval.incontext.aug_epochs=0"])
+        assert rc == 0, err
+        assert result["arch"] == arch and result["settings"]["image_size"] == 64 and 0 <= result["miou"] <= 100
+        assert result["memory_patches"] == 6 * 16  # every patch of the 4x4 grid of the 6 memory images
+        results.append(result["miou"])
+    assert results[0] == results[1]  # the same weights through either file
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: DINOv3's gated files are not there
+    rc, _, err = run_cli(capsys, ["--ckpt", "hub:dinov3_vits16", "--task", "voc_incontext", "--data-root", voc,
+                                  "--set", *TINY])
+    assert rc == 2 and err.count("\n") == 1 and "gated" in err and "08c60483" in err

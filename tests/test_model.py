@@ -472,3 +472,205 @@ def test_hub_weights_offline_and_not_cached(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "dinov2_vitl14_reg4_pretrain.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
     assert "\n" not in msg
+
+
+# -----------------------------------------------------------------------------
+# DINO (v1) and DINOv3
+
+
+def expected_shapes(family, D=384, F=1536, depth=12, p=16, swiglu=False):
+    """Key -> shape of the official ViT-S/16 files of DINO and DINOv3, written out from their specs."""
+    shapes = {"cls_token": (1, 1, D), "patch_embed.proj.weight": (D, 3, p, p), "patch_embed.proj.bias": (D,),
+              "norm.weight": (D,), "norm.bias": (D,)}
+    if family == "dino":
+        shapes["pos_embed"] = (1, 1 + (224 // p) ** 2, D)
+    else:
+        shapes.update({"storage_tokens": (1, 4, D), "mask_token": (1, D), "rope_embed.periods": (D // 6 // 4,)})
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
+                       b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+                       b + "norm2.weight": (D,), b + "norm2.bias": (D,)})
+        if swiglu:
+            shapes.update({b + "mlp.w1.weight": (F, D), b + "mlp.w1.bias": (F,), b + "mlp.w2.weight": (F, D),
+                           b + "mlp.w2.bias": (F,), b + "mlp.w3.weight": (D, F), b + "mlp.w3.bias": (D,)})
+        else:
+            shapes.update({b + "mlp.fc1.weight": (F, D), b + "mlp.fc1.bias": (F,), b + "mlp.fc2.weight": (D, F),
+                           b + "mlp.fc2.bias": (D,)})
+        if family == "dinov3":
+            shapes.update({b + "attn.qkv.bias_mask": (3 * D,), b + "ls1.gamma": (D,), b + "ls2.gamma": (D,)})
+    return shapes
+
+
+@pytest.mark.parametrize("name,family,keys,p,swiglu", [
+    ("dino_vits16", "dino", 150, 16, False), ("dino_vits8", "dino", 150, 8, False),
+    ("dinov3_vits16", "dinov3", 188, 16, False), ("dinov3_vits16plus", "dinov3", 212, 16, True)])
+def test_dino_and_dinov3_keys_and_shapes_load_strictly(name, family, keys, p, swiglu):
+    expected = expected_shapes(family, p=p, swiglu=swiglu)
+    with torch.device("meta"):
+        vit = build_backbone(name)
+    got = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+    assert len(got) == keys and got == expected
+    assert (vit.patch_size, vit.embed_dim, vit.num_register_tokens) == (p, 384, 4 if family == "dinov3" else 0)
+    # a file of exactly these keys and shapes loads with strict=True
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=g) for k, s in expected.items()}
+    loaded = build_backbone(name, weights=state)
+    assert_same_state(loaded, state)
+
+
+@pytest.mark.parametrize("name,count", [
+    ("dino_vits16", 21_665_664), ("dino_vits8", 21_670_272), ("dino_vitb16", 85_798_656), ("dino_vitb8", 85_807_872),
+    ("dinov3_vits16", 21_601_152), ("dinov3_vits16plus", 28_697_472), ("dinov3_vitb16", 85_669_632),
+    ("dinov3_vitl16", 303_154_176)])
+def test_dino_and_dinov3_parameter_counts(name, count):
+    with torch.device("meta"):
+        vit = build_backbone(name)
+    assert sum(p.numel() for p in vit.parameters()) == count
+
+
+def test_dinov3_layer_details():
+    vit = tiny("dinov3_vit_tiny16")
+    block = vit.blocks[0]
+    assert block.norm1.eps == 1e-5 and vit.norm.eps == 1e-5 and torch.all(block.ls1.gamma == 1e-5)
+    assert [b.drop_path for b in tiny("dinov3_vit_tiny16", drop_path_rate=0.2).blocks] == [0.2] * 6  # no ramp
+    mask = block.attn.qkv.bias_mask
+    assert torch.equal(mask, torch.cat([torch.ones(192), torch.zeros(192), torch.ones(192)]))
+    torch.testing.assert_close(vit.rope_embed.periods, 100 ** (torch.arange(16) / 16))  # 100^(2i / (hd/2))
+    v1 = tiny("dino_vit_tiny16")
+    assert isinstance(v1.blocks[0].ls1, nn.Identity) and not hasattr(v1, "mask_token") and v1.pos_grid == 14
+    assert vit.pos_grid is None and not vit.mask_token.requires_grad
+
+
+def hand_rope(x, h, w, periods):
+    """float64 rotate-half RoPE of the last h*w tokens of x (..., N, hd), written per pair of dimensions: dims j and
+    j + hd/2 rotate by 2 pi c / period, c the row coordinate for j < hd/4, the column one after; coordinates are
+    patch centres mapped to (-1, 1) on each axis."""
+    x = x.double()
+    out = x.clone()
+    hd, prefix, q = x.shape[-1], x.shape[-2] - h * w, x.shape[-1] // 4
+    for r in range(h):
+        for c in range(w):
+            t = prefix + r * w + c
+            ch, cw = 2 * (r + 0.5) / h - 1, 2 * (c + 0.5) / w - 1
+            for j in range(hd // 2):
+                coord, period = (ch, periods[j]) if j < q else (cw, periods[j - q])
+                a = 2 * math.pi * coord / period
+                x1, x2 = x[..., t, j], x[..., t, j + hd // 2]
+                out[..., t, j] = x1 * math.cos(a) - x2 * math.sin(a)
+                out[..., t, j + hd // 2] = x2 * math.cos(a) + x1 * math.sin(a)
+    return out
+
+
+def test_rope_against_a_hand_computed_rotation():
+    vit = tiny("dinov3_vit_tiny16")
+    periods = [100 ** (2 * i / 32) for i in range(16)]
+    x = torch.randn(2, 3, 5 + 2 * 3, 64)  # (B, heads, cls + 4 storage + 2x3 patches, hd)
+    sin, cos = vit.rope_embed(2, 3)
+    assert sin.shape == (6, 64)
+    got = model.apply_rope(x, sin, cos)
+    torch.testing.assert_close(got.double(), hand_rope(x, 2, 3, periods), atol=1e-5, rtol=0)
+    assert torch.equal(got[:, :, :5], x[:, :, :5])  # cls and storage tokens are not rotated
+    # a whole attention layer: masked k bias, rotated q and k, softmax, in float64 by hand
+    attn = vit.blocks[0].attn
+    with torch.no_grad():
+        attn.qkv.weight.mul_(10)
+        attn.qkv.bias.normal_()
+        tokens = torch.randn(2, 5 + 4 * 3, 192)
+        sincos = vit.rope_embed(4, 3)
+        got = attn(tokens, sincos).double()
+        W, b = attn.qkv.weight.double(), attn.qkv.bias.double()
+        b = torch.cat([b[:192], torch.zeros(192, dtype=torch.float64), b[384:]])  # the key bias is masked out
+        qkv = (tokens.double() @ W.T + b).reshape(2, -1, 3, 3, 64).permute(2, 0, 3, 1, 4)
+        q, k, v = hand_rope(qkv[0], 4, 3, periods), hand_rope(qkv[1], 4, 3, periods), qkv[2]
+        out = torch.softmax(q @ k.transpose(-1, -2) / 8, dim=-1) @ v
+        expected = out.transpose(1, 2).reshape(2, -1, 192) @ attn.proj.weight.double().T + attn.proj.bias.double()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_dinov3_train_mode_equals_eval_mode():
+    """DINOv3's pretraining rescales RoPE's coordinates at random in train mode; post-training must not."""
+    vit = tiny("dinov3_vit_tiny16")
+    vit.load_state_dict(perturbed_state(vit))
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        evaluated = vit.eval().forward_features(x)
+        trained = vit.train().forward_features(x)
+        again = vit.forward_features(x)
+    for key in evaluated:
+        assert torch.equal(evaluated[key], trained[key]) and torch.equal(trained[key], again[key]), key
+    assert torch.equal(evaluated["x_storage_tokens"], evaluated["x_norm_regtokens"])
+    assert evaluated["x_norm_regtokens"].shape == (2, 4, 192) and evaluated["x_norm_patchtokens"].shape == (2, 12, 192)
+    # the rule switch has nothing to resize and changes nothing
+    with torch.no_grad():
+        assert torch.equal(vit.eval().set_pos_embed_rule("neco").forward_features(x)["x_prenorm"],
+                           evaluated["x_prenorm"])
+
+
+@pytest.mark.parametrize("rule", ["dinov2", "neco"])
+@pytest.mark.parametrize("H,W", [(224, 224), (320, 208), (112, 96)])
+def test_dino_pos_embed_resizing_is_the_offset_bicubic(H, W, rule):
+    """DINO's rule (either name): the 14x14 grid of 224 px resized by the scale factors ((H/16 + 0.1) / 14, ...)."""
+    vit = tiny("dino_vit_tiny16").set_pos_embed_rule(rule)
+    gh, gw = H // 16, W // 16
+    with torch.no_grad():
+        got = vit.interpolate_pos_embed(gh, gw, torch.float32)
+    pos = vit.pos_embed.detach().double()
+    if (gh, gw) == (14, 14):
+        expected = pos
+    else:
+        Mh, Mw = bicubic_matrix_scale_factor(14, (gh + 0.1) / 14), bicubic_matrix_scale_factor(14, (gw + 0.1) / 14)
+        patches = torch.einsum("ia,abd,jb->ijd", Mh, pos[0, 1:].reshape(14, 14, 192), Mw).reshape(1, gh * gw, 192)
+        expected = torch.cat((pos[:, :1], patches), dim=1)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_infer_arch_tells_the_families_apart():
+    with torch.device("meta"):
+        states = {n: build_backbone(n).state_dict() for n in
+                  ("dino_vits16", "dino_vits8", "dino_vitb8", "dinov3_vits16", "dinov3_vits16plus", "dinov3_vitl16")}
+    for name, sd in states.items():
+        assert infer_arch(sd) == (name, 4 if name.startswith("dinov3") else 0)
+    assert infer_arch(tiny("dino_vit_tiny16").state_dict()) == ("dino_vit_tiny16", 0)
+    assert infer_arch(tiny("dinov3_vit_tiny16").state_dict()) == ("dinov3_vit_tiny16", 4)
+
+
+def test_dino_full_checkpoint_loads_the_teacher(tmp_path, capsys):
+    """DINO's full checkpoints: student under module.backbone./module.head., teacher under backbone./head., and the
+    command line as an argparse.Namespace."""
+    import argparse
+    teacher, student = tiny("dino_vit_tiny16", seed=1), tiny("dino_vit_tiny16", seed=2)
+    head = {"head.mlp.0.weight": torch.zeros(4, 192), "head.last_layer.weight_g": torch.ones(8, 1)}
+    ckpt = {"student": {**{"module.backbone." + k: v for k, v in student.state_dict().items()},
+                        **{"module." + k: v for k, v in head.items()}},
+            "teacher": {**{"backbone." + k: v for k, v in teacher.state_dict().items()}, **head},
+            "optimizer": {"state": {}}, "epoch": 100, "args": argparse.Namespace(arch="vit_small", out_dim=65536),
+            "dino_loss": {"center": torch.zeros(1, 8)}}
+    torch.save(ckpt, tmp_path / "dino_full.pth")
+    loaded = build_backbone("dino_vit_tiny16", weights=tmp_path / "dino_full.pth")
+    assert_same_state(loaded, teacher.state_dict())
+    assert "ignored 2" in capsys.readouterr().err
+    assert infer_arch(model.load_checkpoint_file(tmp_path / "dino_full.pth")) == ("dino_vit_tiny16", 0)
+
+
+def test_released_files_of_dino_and_dinov3(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert model.hub_checkpoint("dino_vitb8") == (
+        "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+        "dino_vitbase8_pretrain.pth")
+    with pytest.raises(FileNotFoundError) as e:  # gated: never a download, a one-line way to get the file
+        build_backbone("dinov3_vits16", weights="hub")
+    msg = str(e.value)
+    assert "\n" not in msg and "dinov3_vits16_pretrain_lvd1689m-08c60483.pth" in msg and "request" in msg
+    assert str(tmp_path / "hub" / "checkpoints") in msg
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build_backbone("dinov3_vits16").state_dict().items()}
+    state = {k: torch.randn(s) for k, s in shapes.items()}
+    torch.save(state, cache / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
+    assert_same_state(build_backbone("dinov3_vits16", weights="hub"), state)
+    with pytest.raises(ValueError, match="storage tokens"):
+        build_backbone("dinov3_vits16", num_register_tokens=0)
+    assert model.round_to_patch(504, 16) == 512 and model.round_to_patch(504, 14) == 504
+    assert model.round_to_patch(98, 16) == 96 and model.round_to_patch(5, 16) == 16

@@ -204,6 +204,29 @@ def test_step_updates_student_only_and_teacher_by_ema(tmp_path, images):
     assert queue.filled == [40, 40]  # 10 x batch pushed per global crop
 
 
+@pytest.mark.parametrize("arch,registers,patch", [("vit_tiny14_reg", 4, 14), ("dino_vit_tiny16", 0, 16),
+                                                    ("dinov3_vit_tiny16", 4, 16)])
+def test_one_step_for_each_backbone_family(arch, registers, patch, tmp_path, images):
+    """The same loss for DINOv2, DINO and DINOv3: the crops snap to the model's patch (56 / 28 px -> 64 / 32 at
+    /16), the maps have the patch grid of each crop, the head the backbone's width, and the step trains."""
+    cfg = tiny_cfg(tmp_path, images, **{"model.arch": arch, "model.num_register_tokens": registers})
+    train.validate(cfg)
+    d = cfg["data"]
+    assert (d["global_size"], d["local_size"]) == ((56, 28) if patch == 14 else (64, 32))
+    torch.manual_seed(0)
+    student, teacher, opt, gen, queue = make_run(cfg)
+    assert student.backbone.patch_size == patch and student.head.mlp[0].in_features == student.backbone.embed_dim
+    crops, boxes = synthetic_batch(4, cfg)
+    assert [m.shape[1] for m in student(crops)] == [4] * 2 + [2] * 4
+    before = {k: v.clone() for k, v in student.backbone.state_dict().items()}
+    refs = train.make_reference_sampler(cfg["neco"], queue, gen, 4)
+    loss, finite = train.train_step(student, student, teacher, opt, queue, gen, crops, boxes, refs, cfg,
+                                    torch.autocast("cpu", enabled=False), 0.9)
+    assert finite.item() and math.isfinite(loss.item())
+    changed = [k for k, v in student.backbone.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("blocks.") for k in changed) and "cls_token" in changed
+
+
 def test_teacher_head_is_its_own_seeded_draw_or_a_copy(tmp_path, images):
     cfg = tiny_cfg(tmp_path, images)
     assert train.load_config(ROOT / "config.yaml")["model"]["teacher_head"] == "random"  # the public run's
