@@ -1,6 +1,6 @@
 """
 Data for NeCo: the multi-crop transform that records every crop's box, the training images, the evaluation datasets
-(VOC, ADE20k, COCO-Things/Stuff), the photometric augmentation batched on the device, and a synthetic VOC-format set.
+(VOC, ADE20k, Cityscapes, COCO-Things/Stuff, SPair-71k pairs), the photometric augmentation batched on the device, and a synthetic VOC-format set.
 
 Box convention everywhere: xyxy in continuous pixel coordinates, pixel column j spans [j, j + 1], so a crop of the
 columns j..j+w-1 has x1 = j, x2 = j + w. Feature maps follow the same rule in patch units (cell i spans [i, i + 1]),
@@ -317,23 +317,30 @@ class ADE20k(SegmentationFolder):
             raise FileNotFoundError(f"no .jpg images in {image_dir}: expected {self.LAYOUT}")
         super().__init__(select_ids(ids, fraction, seed, ids_file), image_dir, mask_dir, ADE20K_CLASSES, ignore_index=0)
 
-def coco_supercategory_lut(kind):
-    """COCO-Stuff label-map value (category id - 1; 255 unlabeled) -> supercategory class, 255 (ignored) for the other
-    kind, for unlabeled pixels and for the 'other' stuff class, as in Leopart. A 256-entry table."""
+def coco_supercategory_lut(kind, offset=1):
+    """COCO mask value (category id - offset: 1 for the COCO-Stuff label maps, 0 for the reference evaluator's panoptic
+    and stuff pixel maps) -> supercategory class; 255 (ignored) for the other kind, unlabeled pixels and the 'other'
+    stuff class, as in Leopart. A 256-entry table."""
     table = {"things": COCO_THING_SUPERCATEGORIES, "stuff": COCO_STUFF_SUPERCATEGORIES}[kind]
     lut = torch.full((256,), 255, dtype=torch.long)
     for index, name in enumerate(sorted(table)):
-        lut[torch.tensor(table[name]) - 1] = index
+        lut[torch.tensor(table[name]) - offset] = index
     return lut
 
 class COCOStuffSeg(SegmentationFolder):
-    """COCO-Things (12 classes) or COCO-Stuff (15) from the COCO-Stuff label maps, 255 ignored; the ids are the label
-    maps present. Images in images/{train,val}2017 or {train,val}2017 directly under the COCO root."""
-    LAYOUT = "images/{train,val}2017/*.jpg and stuffthingmaps_trainval2017/{train,val}2017/*.png under the COCO root"
+    """COCO-Things (12 classes) or COCO-Stuff (15), 255 ignored; the ids are the masks present. Masks: the COCO-Stuff
+    label maps, or the reference evaluator's (things: panoptic category ids in annotations/{split}2017; stuff: the
+    stuff pixel maps). Images in images/{train,val}2017 or {train,val}2017 directly under the COCO root."""
+    LAYOUT = ("images/{train,val}2017/*.jpg and stuffthingmaps_trainval2017/{train,val}2017/*.png (or annotations/"
+              "{train,val}2017, annotations/stuff_annotations/stuff_{train,val}2017_pixelmaps) under the COCO root")
 
     def __init__(self, root, split="val", kind="things", fraction=1.0, seed=0, ids_file=None):
         root = Path(root)
         image_dir, mask_dir = root / "images" / f"{split}2017", root / "stuffthingmaps_trainval2017" / f"{split}2017"
+        theirs = root / "annotations" / (f"{split}2017" if kind == "things" else
+                                         f"stuff_annotations/stuff_{split}2017_pixelmaps")
+        offset = 0 if not mask_dir.is_dir() and theirs.is_dir() else 1
+        mask_dir = theirs if offset == 0 else mask_dir
         if not image_dir.is_dir() and (root / f"{split}2017").is_dir():
             image_dir = root / f"{split}2017"
         _require("COCO image folder", image_dir, self.LAYOUT)
@@ -343,15 +350,43 @@ class COCOStuffSeg(SegmentationFolder):
             raise FileNotFoundError(f"no label maps (.png) in {mask_dir}: expected {self.LAYOUT}")
         names = sorted(COCO_THING_SUPERCATEGORIES if kind == "things" else COCO_STUFF_SUPERCATEGORIES)
         super().__init__(select_ids(ids, fraction, seed, ids_file), image_dir, mask_dir, names, ignore_index=255,
-                         lut=coco_supercategory_lut(kind))
+                         lut=coco_supercategory_lut(kind, offset))
+
+# Cityscapes labelId -> trainId (the 19 evaluated classes); every other labelId is ignored (255)
+CITYSCAPES_CLASSES = {7: "road", 8: "sidewalk", 11: "building", 12: "wall", 13: "fence", 17: "pole",
+                      19: "traffic light", 20: "traffic sign", 21: "vegetation", 22: "terrain", 23: "sky", 24: "person",
+                      25: "rider", 26: "car", 27: "truck", 28: "bus", 31: "train", 32: "motorcycle", 33: "bicycle"}
+
+class Cityscapes(SegmentationFolder):
+    """Cityscapes fine annotations: 19 classes (trainIds from gtFine labelIds), 255 ignored. Ids are the base names
+    (aachen_000000_000019), whose first word is the city folder, as the reference evaluator's subset files name them."""
+    LAYOUT = "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and gtFine/{train,val}/<city>/*_gtFine_labelIds.png"
+
+    def __init__(self, root, split="val", fraction=1.0, seed=0, ids_file=None):
+        image_dir, mask_dir = Path(root) / "leftImg8bit" / split, Path(root) / "gtFine" / split
+        _require("Cityscapes image folder", image_dir, self.LAYOUT)
+        _require("Cityscapes gtFine folder", mask_dir, self.LAYOUT)
+        ids = sorted(p.name[:-len("_leftImg8bit.png")] for p in image_dir.glob("*/*_leftImg8bit.png"))
+        if not ids:
+            raise FileNotFoundError(f"no *_leftImg8bit.png images in {image_dir}/<city>: expected {self.LAYOUT}")
+        lut = torch.full((256,), 255, dtype=torch.long)
+        lut[list(CITYSCAPES_CLASSES)] = torch.arange(19)
+        super().__init__(select_ids(ids, fraction, seed, ids_file), image_dir, mask_dir,
+                         CITYSCAPES_CLASSES.values(), ignore_index=255, lut=lut)
+
+    def image_path(self, i):
+        return self.image_dir / self.ids[i].split("_")[0] / f"{self.ids[i]}_leftImg8bit.png"
+
+    def mask_path(self, i):
+        return self.mask_dir / self.ids[i].split("_")[0] / f"{self.ids[i]}_gtFine_labelIds.png"
 
 def make_segmentation_dataset(name, root, split, **kw):
-    """name: voc | ade20k | coco_things | coco_stuff; kw: fraction, seed, ids_file."""
+    """name: voc | ade20k | cityscapes | coco_things | coco_stuff; kw: fraction, seed, ids_file."""
     if name in ("coco_things", "coco_stuff"):
         return COCOStuffSeg(root, split, kind=name[5:], **kw)
-    if name not in ("voc", "ade20k"):
-        raise ValueError(f"unknown dataset '{name}': expected voc, ade20k, coco_things or coco_stuff")
-    return (VOCSegmentation if name == "voc" else ADE20k)(root, split, **kw)
+    if name not in ("voc", "ade20k", "cityscapes"):
+        raise ValueError(f"unknown dataset '{name}': expected voc, ade20k, cityscapes, coco_things or coco_stuff")
+    return {"voc": VOCSegmentation, "ade20k": ADE20k, "cityscapes": Cityscapes}[name](root, split, **kw)
 
 # -----------------------------------------------------------------------------
 # MultiCrop's photometric augmentation, batched on the training device: in the loader it costs about 100 ms per image
