@@ -1,6 +1,7 @@
 """
 Data for NeCo: the multi-crop transform that records every crop's box, the training images, the evaluation datasets
-(VOC, ADE20k, Cityscapes, COCO-Things/Stuff, SPair-71k pairs), the photometric augmentation batched on the device, and a synthetic VOC-format set.
+(VOC, ADE20k, Cityscapes, COCO-Things/Stuff, SPair-71k pairs), the photometric augmentation batched on the device,
+and synthetic sets in the VOC and SPair-71k layouts.
 
 Box convention everywhere: xyxy in continuous pixel coordinates, pixel column j spans [j, j + 1], so a crop of the
 columns j..j+w-1 has x1 = j, x2 = j + w. Feature maps follow the same rule in patch units (cell i spans [i, i + 1]),
@@ -549,24 +550,31 @@ def render_scene(size, g):
     img = img + 4 * torch.randn(3, size, size, generator=g)  # sensor noise
     return img.round().clamp(0, 255).to(torch.uint8), _void_borders(labels)
 
+def claim_synthetic_folder(root, name, params, force=False):
+    """root/name for a synthetic set with these params, or None when a complete one is there (unless force). The marker
+    root/name/.synthetic, written first, holds the params once the set is complete. A folder that is neither new, nor
+    empty, nor one of these sets (a real dataset, say) is refused, never written into."""
+    root = Path(root).expanduser()
+    folder, marker = root / name, root / name / ".synthetic"
+    if marker.is_file():
+        if not force and marker.read_text() == json.dumps(params):
+            return None
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        # FileNotFoundError: what train.py and evaluate.py report as one line
+        raise FileNotFoundError(f"{root} is not empty and holds no synthetic set (no {name}/.synthetic): synthetic "
+                                f"data is only written into a new or empty folder; pass another one")
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text("incomplete")  # ours from here on; complete once it holds the params
+    return folder
+
 def make_synthetic_voc(root="data/synthetic", n_images=200, image_size=160, seed=0, force=False):
     """Write a synthetic set in the VOC devkit layout under root/VOC2012 and return that folder: palette masks in
     SegmentationClass, the same labels 1-channel in SegmentationClassAug, 3/4 train = trainaug, 1/4 val; image i
-    depends on (seed, i) only. The marker VOC2012/.synthetic, written first, holds the arguments once the set is
-    complete: a complete set is kept unless they change or force. A folder that is neither new, nor empty, nor one of
-    these sets (a real dataset, say) is refused, never written into."""
-    root = Path(root).expanduser()
-    voc, marker = root / "VOC2012", root / "VOC2012" / ".synthetic"
-    params = json.dumps({"n_images": n_images, "image_size": image_size, "seed": seed, "version": 1})
-    if marker.is_file():
-        if not force and marker.read_text() == params:
-            return voc
-    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
-        # FileNotFoundError: what train.py and evaluate.py report as one line
-        raise FileNotFoundError(f"{root} is not empty and holds no synthetic set (no VOC2012/.synthetic): synthetic "
-                                f"data is only written into a new or empty folder; pass another one")
-    voc.mkdir(parents=True, exist_ok=True)
-    marker.write_text("incomplete")  # ours from here on; complete once it holds the arguments
+    depends on (seed, i) only. Kept unless the arguments change or force (see claim_synthetic_folder)."""
+    params = {"n_images": n_images, "image_size": image_size, "seed": seed, "version": 1}
+    voc = claim_synthetic_folder(root, "VOC2012", params, force)
+    if voc is None:
+        return Path(root).expanduser() / "VOC2012"
     images, masks, aug, sets = (voc / d for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
                                                   "ImageSets/Segmentation"))
     for d in (images, masks, aug, sets):
@@ -587,5 +595,89 @@ def make_synthetic_voc(root="data/synthetic", n_images=200, image_size=160, seed
     for split, split_ids in (("train", ids[:n_train]), ("trainaug", ids[:n_train]), ("val", ids[n_train:])):
         (sets / f"{split}.txt").write_text("".join(f"{x}\n" for x in split_ids))
     (voc / "class_names.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n")
-    marker.write_text(params)
+    (voc / ".synthetic").write_text(json.dumps(params))
     return voc
+
+# -----------------------------------------------------------------------------
+# SPair-71k keypoint pairs, and synthetic pairs in its layout made by known affine warps
+SPAIR_CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog",
+                    "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")
+SPAIR_LAYOUT = "JPEGImages/<category>/*.jpg, ImageAnnotation/<category>/*.json and PairAnnotation/<split>/*.json"
+
+def spair_pairs(root, split="test"):
+    """The pair annotations of a split, sorted by file name (a folder listing's order differs between systems)."""
+    folder = Path(root) / "PairAnnotation" / split
+    _require("SPair-71k pair folder", folder, SPAIR_LAYOUT)
+    pairs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+    if not pairs:
+        raise FileNotFoundError(f"no pair annotations (.json) in {folder}: expected {SPAIR_LAYOUT}")
+    return pairs
+
+def spair_view(root, category, name, size):
+    """An image padded bottom/right to a square with white, resized to size (PIL bicubic, antialiased), and its
+    keypoints (K, 3) int64 (x, y, visible) from ImageAnnotation, truncated to whole pixels before and after scaling."""
+    with Image.open(Path(root) / "JPEGImages" / category / f"{name}.jpg") as im:
+        im, side = im.convert("RGB"), max(im.size)
+        square = Image.new("RGB", (side, side), (255, 255, 255))
+        square.paste(im)
+    kps = json.loads((Path(root) / "ImageAnnotation" / category / f"{name}.json").read_text())["kps"]
+    kps = [kps[str(k)] for k in range(len(kps))]  # "0".."K-1": [x, y] or null
+    kps = torch.tensor([[int(xy[0]), int(xy[1]), 1] if xy else [0, 0, 0] for xy in kps])
+    kps[:, :2] = (kps[:, :2] * size / side).long()
+    return TF.pil_to_tensor(square.resize((size, size), Image.BICUBIC)), kps  # (3, size, size), (K, 3)
+
+def affine_warp(img, A, b, out_hw, fill=128.0):
+    """img uint8 (3, H, W) warped so that the continuous pixel point p lands on A p + b, on an out_hw canvas."""
+    (H, W), (h, w) = img.shape[1:], out_hw
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")  # target pixel centres
+    src = (torch.stack([xs, ys], -1) - torch.tensor(b)) @ torch.linalg.inv(torch.tensor(A)).T  # (h, w, 2) xy
+    grid = (src / torch.tensor([W, H]) * 2 - 1)[None]  # align_corners=False: -1 and 1 are the outer pixel edges
+    out = F.grid_sample(img[None].float() - fill, grid, mode="bilinear", align_corners=False)[0] + fill
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+def make_synthetic_spair(root="data/synthetic_spair", n_categories=2, n_pairs=6, image_size=160, n_kps=10, seed=0,
+                         force=False):
+    """SPair-71k's layout under root/SPair-71k (returned), test split: per category n_pairs pairs of a synthetic scene
+    and its affine warp (rotation growing with the viewpoint bin, pair i in bin i % 3) onto a wider canvas; keypoints
+    moved by the same warp (null where they leave the frame). Each pair JSON also holds its "warp" [A | b], source
+    pixels -> target pixels."""
+    params = {"n_categories": n_categories, "n_pairs": n_pairs, "image_size": image_size, "n_kps": n_kps, "seed": seed}
+    top = claim_synthetic_folder(root, "SPair-71k", params, force)
+    if top is None:
+        return Path(root).expanduser() / "SPair-71k"
+    S, names = image_size, []
+    for c, category in enumerate(SPAIR_CATEGORIES[:n_categories]):
+        for i in range(n_pairs):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + c * 1000 + i)
+            img = render_scene(S, g)[0]
+            theta, scale = math.radians((5 + 12 * (i % 3)) * (2 * _uniform(g, 0, 1) - 1)), _uniform(g, 0.8, 1.2)
+            cos, sin = scale * math.cos(theta), scale * math.sin(theta)
+            A = [[cos, -sin], [sin, cos]]  # the scene centre goes near the wider canvas's centre
+            shift = [_uniform(g, -S / 10, S / 10) for _ in range(2)]
+            b = [c - (A[k][0] + A[k][1]) * S / 2 + shift[k] for k, c in enumerate((S * 5 / 8, S / 2))]
+            src_kps = (torch.rand(n_kps, 2, generator=g) * 0.7 + 0.15) * S
+            trg_kps = src_kps @ torch.tensor(A).T + torch.tensor(b)
+            inside = ((trg_kps >= 0) & (trg_kps < torch.tensor([S * 5 / 4, S]))).all(1)
+            src, trg, pair = f"{i:04d}a", f"{i:04d}b", f"{len(names):06d}-{i:04d}a-{i:04d}b:{category}"
+            views = ((src, img, src_kps, torch.ones(n_kps, dtype=torch.bool)),
+                     (trg, affine_warp(img, A, b, (S, S * 5 // 4)), trg_kps, inside))
+            for name, im, kps, keep in views:
+                kps = {str(k): [int(x), int(y)] if ok else None for k, ((x, y), ok) in enumerate(zip(kps.tolist(),
+                                                                                                        keep))}
+                _write(top / "ImageAnnotation" / category / f"{name}.json", {"filename": f"{name}.jpg", "kps": kps})
+                _write(top / "JPEGImages" / category / f"{name}.jpg", bytes(encode_jpeg(im, quality=95).numpy()))
+            box = trg_kps[inside]
+            _write(top / "PairAnnotation" / "test" / f"{pair}.json", {
+                "filename": pair, "src_imname": f"{src}.jpg", "trg_imname": f"{trg}.jpg", "category": category,
+                "src_imsize": [S, S, 3], "trg_imsize": [S * 5 // 4, S, 3], "src_bndbox": [0, 0, S - 1, S - 1],
+                "trg_bndbox": [*box.amin(0).int().tolist(), *box.amax(0).int().tolist()],
+                "kps_ids": inside.nonzero().flatten().tolist(), "viewpoint_variation": i % 3, "scale_variation": 0,
+                "truncation": 0, "occlusion": 0, "mirror": 0, "warp": [A[0] + b[:1], A[1] + b[1:]]})
+            names.append(pair)
+    _write(top / "Layout" / "large" / "test.txt", "".join(f"{n}\n" for n in names).encode())
+    (top / ".synthetic").write_text(json.dumps(params))
+    return top
+
+def _write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
