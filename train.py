@@ -66,7 +66,7 @@ def _check_type(key, old, new):
         return float(new)
     elif isinstance(old, (int, float, str)) and type(new) is type(old):
         return new
-    elif isinstance(old, list) and isinstance(new, list):
+    elif isinstance(new, list) and isinstance(old, (list, int)):  # a number's list: a sweep, if the key's rule allows
         return new
     elif isinstance(old, dict):
         raise ConfigError(f"config key '{key}' is a section: set one of its keys ({key}.{next(iter(old), '...')}=...)")

@@ -293,6 +293,21 @@ def test_memory_size_and_labels(ckpt, memory_size, aug_epochs, expected):
     assert (labels.long().sum(1) == 14 * 14).all()
 
 
+def test_a_smaller_budget_keeps_the_first_patches_of_each_image(ckpt):
+    g = torch.Generator().manual_seed(1)
+    items = [(torch.randint(0, 256, (3, 56, 56), dtype=torch.uint8, generator=g),
+              torch.randint(0, 3, (56, 56), generator=g)) for _ in range(3)]
+    memories = {}
+    for size in (12, 30, 96):  # 2 passes x 3 images: 2, 5 and (capped) 16 patches per image and pass
+        torch.manual_seed(0)
+        memories[size] = evaluate.build_memory(ckpt[1], ListDataset(items, 3), 3, 255, image_size=56,
+                                               memory_size=size, aug_epochs=2, batch_size=2)
+    big_keys, big_labels = (x.unflatten(0, (6, 16)) for x in memories[96])
+    for size, n in ((12, 2), (30, 5)):
+        torch.testing.assert_close(memories[size][0], big_keys[:, :n].flatten(0, 1), rtol=0, atol=0)
+        assert torch.equal(memories[size][1], big_labels[:, :n].flatten(0, 1))
+
+
 # -----------------------------------------------------------------------------
 # linear probe, PCA, K-means
 
@@ -469,6 +484,19 @@ def ade_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cityscapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cityscapes")
+    g = torch.Generator().manual_seed(3)
+    for split, n in (("train", 4), ("val", 2)):
+        for i in range(n):  # labelIds: unlabeled 0, road 7, sidewalk 8, sky 23, car 26
+            image, labels = blocky_scene(g, [0, 7, 8, 23, 26])
+            name = f"{split}/ulm/ulm_{i:06d}_000019"
+            write_png_file(root / "gtFine" / f"{name}_gtFine_labelIds.png", labels)
+            write_jpg_file(root / "leftImg8bit" / f"{name}_leftImg8bit.png", image)  # decoded by content
+    return root
+
+
+@pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     g = torch.Generator().manual_seed(2)
@@ -481,9 +509,10 @@ def coco_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("task", list(evaluate.TASKS))
-def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, tmp_path, capsys):
-    root = {"voc": voc, "ade20k": ade_root, "coco_things": coco_root, "coco_stuff": coco_root}[evaluate.TASKS[task][1]]
+@pytest.mark.parametrize("task", [t for t, (family, _) in evaluate.TASKS.items() if family != "spair"])
+def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, cityscapes_root, tmp_path, capsys):
+    root = {"voc": voc, "ade20k": ade_root, "coco_things": coco_root, "coco_stuff": coco_root,
+            "cityscapes": cityscapes_root}[evaluate.TASKS[task][1]]
     extra = {"voc_incontext": ["eval.incontext.aug_epochs=1", "eval.incontext.memory_size=40",
                                "eval.voc_train_split=train"],
              "voc_linear": ["eval.linear.train_aug=true"]}.get(task, [])
@@ -500,6 +529,8 @@ def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, tmp_path, capsys)
     assert json.loads(out.read_text().splitlines()[-1]) == result
     if task == "voc_incontext":
         assert result["memory_patches"] == 6 * 6  # 40 // (6 images x 1 pass) = 6 patches kept per image
+    if task == "cityscapes_incontext":  # the labels the val masks hold, as trainIds: road 0, sidewalk 1, sky 10, car 13
+        assert {c for c, v in result["per_class_iou"].items() if v is not None} <= {"road", "sidewalk", "sky", "car"}
     if task.endswith("_incontext"):
         assert set(result["miou_variants"]) == {"hbird", "hungarian_nanmean", "plain", "dip"}
         assert result["miou"] == result["miou_variants"]["hbird"] and result["protocol"] == "hbird"
@@ -513,6 +544,22 @@ def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, tmp_path, capsys)
     if task == "voc_cluster":
         picture = decode_image(str(tmp_path / "vis" / "voc_cluster.png"))
         assert picture.shape[0] == 3 and picture.shape[1] > 56 and picture.shape[2] > 3 * 56
+
+
+def test_memory_size_sweep_equals_separate_runs(ckpt, voc, tmp_path, capsys):
+    sets = [*TINY, "eval.voc_train_split=train", "eval.incontext.aug_epochs=1"]
+    argv = ["--ckpt", ckpt[0], "--task", "voc_incontext", "--data-root", voc, "--set", *sets]
+    rc = evaluate.main([str(a) for a in argv + ["eval.incontext.memory_size=[12,40,10000]", "--out", tmp_path / "s"]])
+    out, err = capsys.readouterr()
+    sweep = [json.loads(line) for line in out.strip().splitlines()]
+    assert rc == 0 and [r["memory_size"] for r in sweep] == [12, 40, 10000], err
+    assert (tmp_path / "s").read_text().splitlines() == out.strip().splitlines()
+    for r in sweep:
+        rc, alone, err = run_cli(capsys, argv + [f"eval.incontext.memory_size={r['memory_size']}", "--out", tmp_path / "a"])
+        assert rc == 0, err
+        for key in ("miou", "per_class_iou", "miou_variants", "memory_patches"):
+            assert r[key] == alone[key], key
+    assert [r["memory_patches"] for r in sweep] == [2 * 6, 6 * 6, 16 * 6]  # 12 // 6, 40 // 6, capped at 16, x 6
 
 
 def test_subset_file_selects_the_memory_images(ckpt, voc, tmp_path, capsys):
