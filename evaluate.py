@@ -608,8 +608,8 @@ def make_datasets(family, dataset, ev, s, data_root, demo):
         if not root.exists():
             raise UserError(f"data root {root} not found: pass --data-root or set eval.roots.{key} (see README for "
                             f"the expected layout)")
-    if family == "spair":
-        return root, None, None
+    if family == "spair":  # the SPair-71k folder or its parent
+        return (root / "SPair-71k" if (root / "SPair-71k").is_dir() else root), None, None
     name = "voc" if demo else dataset
     try:
         val_set = data.make_segmentation_dataset(name, root, "val")

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -930,3 +931,113 @@ def test_voc_incontext_agrees_with_brute_force(protocol, ckpt, tmp_path, capsys)
     got = result["miou_variants"]["plain"]  # the brute force scores without matching, over the classes present
     assert abs(got - expected) <= 1.0, (got, expected)
     assert result["miou"] == result["miou_variants"]["dip" if dip else "hbird"]
+
+
+# -----------------------------------------------------------------------------
+# SPair-71k correspondence: the Probe3D protocol on synthetic pairs made by known warps
+
+
+@pytest.fixture(scope="module")
+def spair(tmp_path_factory):
+    return data.make_synthetic_spair(tmp_path_factory.mktemp("spair"), n_categories=2, n_pairs=6, image_size=96)
+
+
+def position_code(xy, size):
+    """Unit vectors that encode a point (n, 2) of a size x size source image: Gaussian bumps on a grid of anchors, so
+    that the dot product of two codes falls with the distance of their points."""
+    a = torch.linspace(-0.5 * size, 1.5 * size, 41)
+    anchors = torch.stack(torch.meshgrid(a, a, indexing="xy"), -1).reshape(-1, 2)  # (A, 2)
+    return F.normalize(torch.exp(-torch.cdist(xy, anchors) ** 2 / (2 * (size / 25) ** 2)), dim=-1)
+
+
+def oracle_view(root, category, name, size, grid, warp=None):
+    """The protocol's view of an image, with the patch tokens replaced by the code of the source point each cell shows:
+    its centre in the original pixels, mapped back through the pair's warp for the target image."""
+    image, kps = data.spair_view(root, category, name, size)
+    side = max(decode_image(str(root / "JPEGImages" / category / f"{name}.jpg")).shape[1:])
+    centres = (torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="xy"), -1) + 0.5)
+    xy = centres.reshape(-1, 2).double() / grid * side  # (grid * grid, 2) original pixels, row-major cells
+    if warp is not None:
+        A, b = torch.tensor(warp, dtype=torch.float64)[:, :2], torch.tensor(warp, dtype=torch.float64)[:, 2]
+        xy = (xy - b) @ torch.linalg.inv(A).T
+    return position_code(xy.float(), 96).reshape(grid, grid, -1), kps  # 96: the source images' side
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_oracle_features_find_every_keypoint_and_shuffled_ones_do_not(spair, shuffle):
+    errors = {}
+    for pair in data.spair_pairs(spair):
+        src, trg = pair["filename"].split(":")[0].split("-")[1:]
+        fs, ks = oracle_view(spair, pair["category"], src, 448, 32)
+        ft, kt = oracle_view(spair, pair["category"], trg, 448, 32, pair["warp"])
+        if shuffle:
+            ft = ft.reshape(32 * 32, -1)[torch.randperm(32 * 32, generator=torch.Generator().manual_seed(0))]
+            ft = ft.reshape(32, 32, -1)
+        (x1, y1, x2, y2), side = pair["trg_bndbox"], max(pair["trg_imsize"][:2])
+        assert ((ks[:, 2] == 1) & (kt[:, 2] == 1)).sum() == len(pair["kps_ids"]) > 0
+        errors[pair["filename"]] = evaluate.keypoint_errors(fs, ks, ft, kt, 448, max(x2 - x1, y2 - y1) / side,
+                                                            centre=True)
+        corner = evaluate.keypoint_errors(fs, ks, ft, kt, 448, max(x2 - x1, y2 - y1) / side)
+        assert shuffle or corner.mean() > errors[pair["filename"]].mean()  # Probe3D's corner: half a cell off
+    chosen = evaluate.spair_selection(data.spair_pairs(spair), 200)
+    result = evaluate.spair_recalls({k: [errors[p["filename"]] for p in ps] for k, ps in chosen.items()}, [0.1])
+    assert set(result["recall"]["0.1"]) == {"0", "1", "2", "all"}
+    if shuffle:  # chance: a disc of 0.1 box sides (about half the image side) covers about 1% of the image
+        assert result["recall"]["0.1"]["all"] < 5
+    else:
+        assert result["recall"]["0.1"] == {"0": 100.0, "1": 100.0, "2": 100.0, "all": 100.0}
+
+
+def test_spair_recall_pooling_bins_and_counts_hand_made():
+    pairs = [{"filename": "a1", "category": "cat", "viewpoint_variation": 0},
+             {"filename": "a2", "category": "cat", "viewpoint_variation": 1},
+             {"filename": "b1", "category": "dog", "viewpoint_variation": 0}]
+    errors = {"a1": torch.tensor([0.04, 0.1, 0.12]), "a2": torch.tensor([0.2, 0.09]), "b1": torch.tensor([0.01, 0.3])}
+    chosen = evaluate.spair_selection(pairs)
+    assert {k: [p["filename"] for p in ps] for k, ps in chosen.items()} == {
+        ("cat", "0"): ["a1"], ("cat", "1"): ["a2"], ("cat", "all"): ["a1", "a2"], ("dog", "0"): ["b1"],
+        ("dog", "all"): ["b1"]}
+    r = evaluate.spair_recalls({k: [errors[p["filename"]] for p in ps] for k, ps in chosen.items()}, [0.1, 0.15])
+    # 0.1: cat bin 0 1/3 (0.1 itself is not < 0.1), bin 1 1/2, all 2/5 pooled per keypoint (not (1/3 + 1/2) / 2);
+    # dog bin 0 and all 1/2; a bin's recall is the plain mean over the categories that have it
+    assert r["recall"]["0.1"] == pytest.approx({"0": (100 / 3 + 50) / 2, "1": 50.0, "2": None, "all": (40 + 50) / 2})
+    assert r["recall"]["0.15"] == pytest.approx({"0": 75.0, "1": 50.0, "2": None, "all": 65.0})
+    assert r["per_category"]["0.1"]["all"] == pytest.approx({"cat": 40.0, "dog": 50.0})
+    assert r["pairs"]["all"] == {"cat": 2, "dog": 1} and r["keypoints"]["all"] == {"cat": 5, "dog": 2}
+    assert r["pairs"]["2"] == {}
+
+
+def test_spair_subset_is_probe3ds_seeded_shuffle_of_the_sorted_pairs(spair):
+    pairs = data.spair_pairs(spair)
+    assert [p["filename"] for p in pairs] == sorted(p["filename"] for p in pairs)  # not the folder listing's order
+    chosen = evaluate.spair_selection(pairs, 3)
+    for (category, b), members in chosen.items():
+        expected = [p for p in pairs if p["category"] == category and b in ("all", str(p["viewpoint_variation"]))]
+        random.seed(20)  # Probe3D: random.seed(20); random.shuffle(instances); instances[:num_instances]
+        random.shuffle(expected)
+        assert members == expected[:3]
+    assert len(chosen) == 2 * 4 and all(len(chosen[c, "all"]) == 3 for c in data.SPAIR_CATEGORIES[:2])
+
+
+def test_spair_correspondence_end_to_end(ckpt, spair, tmp_path, capsys):
+    argv = ["--ckpt", ckpt[0], "--task", "spair_correspondence", "--data-root", spair.parent, "--out", tmp_path / "r",
+            "--set", "eval.device=cpu", "eval.spair.image_size=60", "eval.spair.pairs_per_bin=1"]
+    rc, result, err = run_cli(capsys, argv)
+    assert rc == 0, err
+    assert set(result["recall"]) == {"0.05", "0.1", "0.15"} and result["settings"]["tokens"] == "last_block"
+    assert all(0 <= v <= 100 for r in result["recall"].values() for v in r.values())
+    assert result["pairs"] == {b: {"aeroplane": 1, "bicycle": 1} for b in ("0", "1", "2", "all")}
+    assert result["n_unreadable"] == 0 and json.loads((tmp_path / "r").read_text()) == result
+    rc, final, err = run_cli(capsys, argv + ["eval.spair.tokens=final_norm", "eval.spair.pairs_per_bin=null"])
+    assert rc == 0 and final["pairs"]["all"] == {"aeroplane": 6, "bicycle": 6}, err
+    rc, _, err = run_cli(capsys, argv[:4] + ["--data-root", tmp_path / "absent"])
+    assert "eval.roots.spair" in one_error_line(rc, err)
+
+
+def test_patch_features_pads_the_normalised_image_with_zeros_centred(ckpt):
+    images = torch.randint(0, 256, (1, 3, 60, 47), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    feats = evaluate.patch_features(ckpt[1], images, pad=True, last_block=True)  # 60 x 47 -> 70 x 56: 5 x 4 patches
+    mean, std = (torch.tensor(v)[:, None, None] for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    x = F.pad((images.float() / 255 - mean) / std, (4, 5, 5, 5))  # 9 columns: 4 left, 5 right; 10 rows: 5 and 5
+    expected = ckpt[1].get_intermediate_layers(x, n=1, norm=False)[0].reshape(1, 5, 4, -1)
+    torch.testing.assert_close(feats, expected)
