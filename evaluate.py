@@ -461,12 +461,13 @@ def pca_rgb(feats, threshold=None):
     pcs = principal_components(x)
     if threshold is None:
         return minmax(pcs).float().reshape(*feats.shape[:3], 3)
-    border = torch.ones(feats.shape[:3], dtype=torch.bool)
+    first = pcs[:, 0].reshape(feats.shape[:3])
+    border = torch.ones_like(first, dtype=torch.bool)
     border[:, 1:-1, 1:-1] = False
-    fg = minmax(pcs[:, 0] * (1 if pcs[border.flatten(), 0].mean() < pcs[:, 0].mean() else -1)) > threshold  # (M,)
-    out = torch.zeros(len(x), 3, dtype=torch.float64)
-    out[fg] = minmax(principal_components(x[fg])) if fg.sum() > 1 else 0.0
-    return out.float().reshape(*feats.shape[:3], 3)
+    first = minmax(first if first[border].mean() < first.mean() else -first)
+    out = torch.zeros(*feats.shape[:3], 3, dtype=torch.float64)
+    out[first > threshold] = minmax(principal_components(x[(first > threshold).flatten()]))
+    return out.float()
 
 def principal_components(x, k=3):
     """(M, D) -> (M, k) projections on the top k principal axes, each signed so that its largest loading is positive."""

@@ -510,7 +510,7 @@ def coco_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("task", [t for t, (family, _) in evaluate.TASKS.items() if family not in ("spair", "pca")])
+@pytest.mark.parametrize("task", [t for t, (family, _) in evaluate.TASKS.items() if family != "spair"])
 def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, cityscapes_root, tmp_path, capsys):
     root = {"voc": voc, "ade20k": ade_root, "coco_things": coco_root, "coco_stuff": coco_root,
             "cityscapes": cityscapes_root}[evaluate.TASKS[task][1]]
@@ -1041,49 +1041,3 @@ def test_patch_features_pads_the_normalised_image_with_zeros_centred(ckpt):
     x = F.pad((images.float() / 255 - mean) / std, (4, 5, 5, 5))  # 9 columns: 4 left, 5 right; 10 rows: 5 and 5
     expected = ckpt[1].get_intermediate_layers(x, n=1, norm=False)[0].reshape(1, 5, 4, -1)
     torch.testing.assert_close(feats, expected)
-
-
-# -----------------------------------------------------------------------------
-# feature pictures
-
-
-def test_first_component_separates_a_synthetic_foreground():
-    g = torch.Generator().manual_seed(0)
-    fg = torch.zeros(2, 8, 8, dtype=torch.bool)
-    fg[0, 2:6, 3:7], fg[1, 1:4, 1:5] = True, True
-    a, b = torch.randn(2, 16, generator=g)
-    feats = torch.where(fg[..., None], a, b) + 0.1 * torch.randn(2, 8, 8, 16, generator=g)  # (2, 8, 8, 16)
-    rgb = evaluate.pca_rgb(feats, threshold=0.5)
-    assert torch.equal(rgb.amax(-1) > 0, fg)  # the background black, the foreground coloured
-    plain = evaluate.pca_rgb(feats)
-    assert plain.shape == (2, 8, 8, 3) and plain.amin() == 0 and plain.amax() == 1
-    first = plain[..., 0]  # the first component alone already splits them
-    assert first[fg].min() > first[~fg].max() or first[fg].max() < first[~fg].min()
-
-
-def test_principal_components_match_an_svd():
-    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    centred = x - x.mean(0)
-    u, sv, _ = torch.linalg.svd(centred, full_matrices=False)
-    pcs = evaluate.principal_components(x, 3)
-    torch.testing.assert_close(pcs.abs(), (u[:, :3] * sv[:3]).abs())
-
-
-def test_pca_pictures_are_written_deterministic_and_listed(ckpt, voc, tmp_path, capsys):
-    results = []
-    for out in (tmp_path / "a", tmp_path / "b"):
-        argv = ["--ckpt", ckpt[0], "--task", "pca", "--images", voc.parent, "--out", out, "--set", "eval.device=cpu",
-                "eval.pca.image_size=56", "eval.pca.n_images=3", "eval.pca.query=1,2"]
-        rc, result, err = run_cli(capsys, argv)
-        assert rc == 0, err
-        assert err.count("wrote ") == 4 and not (out / "results.jsonl").exists()
-        results.append(result)
-    names = ["000_syn_00000.png", "001_syn_00001.png", "002_syn_00002.png", "grid.png"]
-    assert [Path(f).name for f in results[0]["files"]] == names and results[0]["query_patch"] == [1, 2]
-    for name in names:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    row = decode_image(str(tmp_path / "a" / names[0]))
-    assert row.shape == (3, 56 + 8, 3 * 56 + 16)  # image | components | similarity, 4 px padding
-    assert decode_image(str(tmp_path / "a" / "grid.png")).shape == (3, 3 * 56 + 16, 3 * 56 + 16)
-    rc, _, err = run_cli(capsys, argv[:4] + ["--out", tmp_path / "a" / names[0]])
-    assert "is a file" in one_error_line(rc, err)
