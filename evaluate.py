@@ -29,7 +29,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.io import encode_png
 from torchvision.transforms import v2
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+from torchvision.utils import draw_segmentation_masks, make_grid
 from tqdm import tqdm
 
 import data
@@ -42,7 +42,7 @@ TASKS = {"voc_incontext": ("incontext", "voc"), "ade_incontext": ("incontext", "
          "coco_things_linear": ("linear", "coco_things"), "coco_stuff_linear": ("linear", "coco_stuff"),
          "voc_cluster": ("cluster", "voc"), "coco_things_cluster": ("cluster", "coco_things"),
          "cityscapes_incontext": ("incontext", "cityscapes"), "coco_things_incontext": ("incontext", "coco_things"),
-         "coco_stuff_incontext": ("incontext", "coco_stuff"), "spair_correspondence": ("spair", "spair"), "pca": ("pca", "")}
+         "coco_stuff_incontext": ("incontext", "coco_stuff"), "spair_correspondence": ("spair", "spair")}
 # the in-context presets: the reference Hummingbird evaluator (the published numbers) and DIP's variant of it
 PROTOCOLS = {"hbird": {"temperature": 0.02, "normalize": True, "score": "hbird"},
              "dip": {"temperature": 0.07, "normalize": False, "score": "dip"}}
@@ -424,61 +424,6 @@ def spair_recalls(errors, thresholds):
     return result
 
 # -----------------------------------------------------------------------------
-# feature pictures: the first principal components of the patch tokens as colours, and one patch's similarity map
-def feature_pictures(backbone, files, s, device, precision, out_dir):
-    """A PNG per image, image | its tokens' first 3 principal components (fitted over all the images) as RGB | their
-    cosine similarity to the query patch of the first image, and grid.png of all the rows -> the files written."""
-    size, shown = s["image_size"], []
-    for f in files[:s["n_images"]]:
-        try:
-            shown.append((f, v2.functional.resize(data.read_image(f), [size, size], antialias=True)))
-        except (OSError, RuntimeError) as e:
-            skip_unreadable(e)
-    if not shown:
-        raise UserError(f"no readable image among {files[0].parent if files else 'the files'} (--images)")
-    feats = torch.cat([patch_features(backbone, im[None].to(device), precision) for _, im in shown]).cpu()
-    n, h, w, D = feats.shape  # (n, h, w, D)
-    col, row = (float(v) for v in s["query"].split(","))
-    col, row = (int(col), int(row)) if "." not in s["query"] else (int(col * w), int(row * h))  # patch or relative
-    x = F.normalize(feats, dim=-1)
-    maps = [pca_rgb(feats, s["foreground_threshold"]), (x @ x[0, row, col]).clamp(0, 1)[..., None].expand(-1, -1, -1, 3)]
-    maps = [resize_nearest((m * 255).round().permute(0, 3, 1, 2).flatten(0, 1), size).unflatten(0, (n, 3)) for m in maps]
-    box = torch.tensor([[col, row, col + 1, row + 1]]) * size / torch.tensor([w, h, w, h])
-    rows = [[im if i else draw_bounding_boxes(im, box, colors="red"), *(m[i].to(torch.uint8) for m in maps)]
-            for i, (_, im) in enumerate(shown)]
-    written = [out_dir / f"{i:03d}_{f.stem}.png" for i, (f, _) in enumerate(shown)] + [out_dir / "grid.png"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path, tiles in zip(written, rows + [sum(rows, [])]):
-        path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))
-        print(f"wrote {path}", file=sys.stderr)
-    return {"files": [str(p) for p in written], "query_patch": [col, row], "grid": [h, w], "n_images": n}
-
-def pca_rgb(feats, threshold=None):
-    """Tokens (n, h, w, D) -> colours (n, h, w, 3) in [0, 1]: the first 3 principal components, each min-max scaled.
-    A threshold: the patches whose scaled first component (signed so that the image borders are low) exceeds it are
-    the foreground, as in DINOv2's demos: the components are refitted on them alone and the background is black."""
-    x = feats.flatten(0, 2).double()  # (M, D)
-    pcs = principal_components(x)
-    if threshold is None:
-        return minmax(pcs).float().reshape(*feats.shape[:3], 3)
-    first = pcs[:, 0].reshape(feats.shape[:3])
-    border = torch.ones_like(first, dtype=torch.bool)
-    border[:, 1:-1, 1:-1] = False
-    first = minmax(first if first[border].mean() < first.mean() else -first)
-    out = torch.zeros(*feats.shape[:3], 3, dtype=torch.float64)
-    out[first > threshold] = minmax(principal_components(x[(first > threshold).flatten()]))
-    return out.float()
-
-def principal_components(x, k=3):
-    """(M, D) -> (M, k) projections on the top k principal axes, each signed so that its largest loading is positive."""
-    x = x - x.mean(0)
-    axes = torch.linalg.eigh(x.T @ x)[1][:, -k:].flip(1)  # (D, k); eigh: ascending eigenvalues
-    return x @ (axes * axes.gather(0, axes.abs().argmax(0, keepdim=True)).sign())
-
-def minmax(x):
-    return (x - x.amin(0)) / (x.amax(0) - x.amin(0)).clamp_min(1e-12)
-
-# -----------------------------------------------------------------------------
 # shared machinery: loaders, features, resizing, mIoU from one confusion matrix, matching
 def batches(dataset, transform, batch_size, num_workers, desc=None, shuffle=False):
     """(images uint8 (B, 3, S, S), masks (B, S, S)). An undecodable file is skipped, named once and counted; wrong
@@ -655,12 +600,6 @@ def make_datasets(family, dataset, ev, s, data_root, demo):
     """-> (data root, train set or None, val set); SPair-71k: (its root, None, None). The demo's synthetic scenes (VOC
     layout) stand in for every segmentation set, synthetic warped pairs for SPair-71k."""
     key = dataset.split("_")[0]  # eval.roots.<key>
-    if family == "pca":  # (a folder of images or a VOC root's JPEGImages, its image files, None)
-        if not (data_root or demo):
-            raise UserError("the pca task needs --images <a folder of images, or a VOC root>")
-        root = Path(data_root).expanduser() if data_root else data.make_synthetic_voc("data/synthetic")
-        root = next((d for d in (root / "JPEGImages", root / "VOC2012" / "JPEGImages") if d.is_dir()), root)
-        return root, data.list_images(root), None
     if demo:
         root = (data.make_synthetic_spair(data_root or "data/synthetic_spair") if family == "spair" else
                 data.make_synthetic_voc(data_root or "data/synthetic"))
@@ -684,12 +623,11 @@ def make_datasets(family, dataset, ev, s, data_root, demo):
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
-def check_writable(path, what, flag, folder=False):
+def check_writable(path, what, flag):
     """Refuse now, not after hours of computing, a destination that could not be written at the end."""
     target = path if path.exists() else next(p for p in path.parents if p.exists())  # or the folder it goes in
-    if path.exists() and path.is_dir() != folder:
-        raise UserError(f"{what} {path} ({flag}) is a {'file' if folder else 'folder'}: pass a "
-                        f"{'folder' if folder else 'file'} path")
+    if path.is_dir():
+        raise UserError(f"{what} {path} ({flag}) is a folder: pass a file path")
     if not target.is_dir() and target != path:
         raise UserError(f"{what} {path} ({flag}) lies under {target}, which is a file, not a folder")
     if not os.access(target, os.W_OK):
@@ -729,18 +667,15 @@ def run(args):
         raise UserError(f"unknown hub model '{args.ckpt[4:]}'; choose one of {', '.join(hub_names)}")
     if not hub and not Path(args.ckpt).expanduser().is_file():
         raise UserError(f"checkpoint {args.ckpt} not found (a train.py last.pt, a state_dict file or hub:<name>)")
-    pictures = family == "pca"  # --out is its picture folder; the result goes to stdout only
-    default = "vis" if pictures else "results.jsonl" if hub else Path(args.ckpt).parent / "results.jsonl"
-    out, segmentation = Path(args.out or default).expanduser(), family in ("incontext", "linear", "cluster")
-    vis_path = Path(args.save_vis).expanduser() / f"{args.task}.png" if args.save_vis and segmentation else None
-    check_writable(out, "picture folder" if pictures else "results file", "--out", folder=pictures)
+    out = Path(args.out or ("results.jsonl" if hub else Path(args.ckpt).parent / "results.jsonl")).expanduser()
+    vis_path = Path(args.save_vis).expanduser() / f"{args.task}.png" if args.save_vis and family != "spair" else None
+    check_writable(out, "results file", "--out")
     if vis_path and ev["vis_images"] < 1:
         raise ConfigError("config key 'eval.vis_images' must be an integer > 0 with --save-vis, got 0")
     if vis_path:
         check_writable(vis_path, "picture", "--save-vis")
     UNREADABLE.clear()
-    root, train_set, val_set = make_datasets(family, dataset, ev, s, args.images if pictures else args.data_root,
-                                             args.demo)
+    root, train_set, val_set = make_datasets(family, dataset, ev, s, args.data_root, args.demo)
     if val_set is not None:
         check_val_set(val_set)
     backbone, about = load_backbone(args.ckpt, args.teacher)
@@ -751,9 +686,6 @@ def run(args):
     if family == "spair":
         print(f"{args.task}: {about['arch']} on {device}", file=sys.stderr)
         results = [{"task": args.task, **evaluate_spair(backbone.to(device), root, s, device, ev["precision"])}]
-    elif pictures:
-        results = [{"task": args.task, **feature_pictures(backbone.to(device), train_set, s, device, ev["precision"],
-                                                          out)}]
     else:
         results = evaluate_segmentation(args.task, family, backbone, train_set, val_set, s, ev, device,
                                         ev["vis_images"] if vis_path else 0)
@@ -768,10 +700,9 @@ def run(args):
     except (OSError, RuntimeError) as e:
         failed.append(f"picture {vis_path} ({e})")
     try:
-        if not pictures:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with open(out, "a") as f:
-                f.write("".join(line + "\n" for line in lines))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
     except OSError as e:
         failed.append(f"results file {out} ({e})")
     if failed:
@@ -803,9 +734,7 @@ def main(argv=None):
     p.add_argument("--config", help="the YAML config (default: config.yaml next to evaluate.py)")
     p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
                    help="override eval.* keys, e.g. --set eval.incontext.memory_size=102400")
-    p.add_argument("--out", help="results file, one JSON line appended (default: results.jsonl beside the ckpt); "
-                   "--task pca: the picture folder (default vis)")
-    p.add_argument("--images", help="--task pca: a folder of images (searched recursively) or a VOC root")
+    p.add_argument("--out", help="results file, one JSON line appended (default: results.jsonl beside the ckpt)")
     p.add_argument("--save-vis", metavar="DIR", help="write DIR/<task>.png: image | ground truth | prediction")
     p.add_argument("--demo", action="store_true", help="synthetic data in data/synthetic and small CPU settings")
     args = p.parse_args(argv)

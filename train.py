@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import socket
 import sys
@@ -238,10 +237,6 @@ CONFIG_RULES = {
     "eval.spair.pairs_per_bin": OPTIONAL(POSITIVE_INT), "eval.spair.pos_embed_rule": one_of("dinov2", "neco"),
     "eval.spair.thresholds": ("a list of numbers > 0", lambda v: isinstance(v, list) and len(v) > 0
                               and all(map(POSITIVE[1], v))),
-    "eval.pca.image_size": POSITIVE_INT, "eval.pca.n_images": POSITIVE_INT,
-    "eval.pca.query": ("'column,row' in patches or relative ('0.5,0.5')", lambda v: isinstance(v, str) and bool(
-        re.fullmatch(r"\d+,\d+|[01]?\.\d*,[01]?\.\d*", v.replace(" ", "")))),
-    "eval.pca.foreground_threshold": OPTIONAL(FRACTION), "eval.pca.pos_embed_rule": one_of("dinov2", "neco"),
 }
 
 
