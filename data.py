@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,9 +104,10 @@ def crop_intersection_rois(box_g, box_v, grid_g, grid_v, patch_size=14):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what decode_image reads (it has no BMP or TIFF decoder)
 READ_ATTEMPTS = 20  # an unreadable image is replaced at most this many times in a row before the loop gives up
 
-def _require(what, folder, layout):
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{what} {folder} not found: expected {layout}")
+def _require(what, layout, *folders):
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{what} folder {folder} not found: expected {layout}")
 
 def decode_file(path, what, mode):
     """torchvision's decode_image on a file's bytes, read with open(), which takes every name the OS gives
@@ -149,7 +152,7 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __init__(self, root, transform, seed=0):
         self.root, self.transform, self.seed, self.epoch = Path(root).expanduser(), transform, seed, 0
-        _require("training image folder", self.root, "a folder of images (e.g. COCO train2017), searched recursively")
+        _require("training image", "a folder of images (e.g. COCO train2017), searched recursively", self.root)
         self.files = list_images(self.root)
         if not self.files:
             raise FileNotFoundError(f"no image files ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under "
@@ -251,6 +254,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
     """(image uint8 (3, H, W), mask int64 (H, W)) pairs from image_dir/<id>.jpg and mask_dir/<id>.png; lut, if
     given, maps the raw mask values (0..255) to class ids (a 256-entry int64 table)."""
 
+    NAMES = ("{id}.jpg", "{id}.png")  # image and mask file names; {city}: the id's first word
+
     def __init__(self, ids, image_dir, mask_dir, class_names, ignore_index, lut=None):
         self.ids, self.image_dir, self.mask_dir, self.lut = list(ids), Path(image_dir), Path(mask_dir), lut
         self.class_names, self.num_classes, self.ignore_index = list(class_names), len(class_names), ignore_index
@@ -259,10 +264,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return len(self.ids)
 
     def image_path(self, i):
-        return self.image_dir / f"{self.ids[i]}.jpg"
+        return self.image_dir / self.NAMES[0].format(id=self.ids[i], city=self.ids[i].split("_")[0])
 
     def mask_path(self, i):
-        return self.mask_dir / f"{self.ids[i]}.png"
+        return self.mask_dir / self.NAMES[1].format(id=self.ids[i], city=self.ids[i].split("_")[0])
 
     def load_mask(self, i):
         """Class ids (H, W) of item i. A value that is neither a class nor the ignore index is an error naming the
@@ -275,12 +280,31 @@ class SegmentationFolder(torch.utils.data.Dataset):
                              f" nor the ignore index {self.ignore_index}: check the dataset and its mask folder")
         return mask
 
+    def check_size(self, i, mask, image_hw):
+        if tuple(mask.shape) != tuple(image_hw):
+            raise ValueError(f"mask {self.mask_path(i)} is {tuple(mask.shape)} but its image is {tuple(image_hw)}")
+        return mask
+
     def __getitem__(self, i):
-        image, mask = read_image(self.image_path(i)), self.load_mask(i)  # (3, H, W), (H, W)
-        if mask.shape != image.shape[1:]:
-            raise ValueError(f"mask {self.mask_path(i)} is {tuple(mask.shape)} but its image is "
-                             f"{tuple(image.shape[1:])}")
-        return image, mask
+        image = read_image(self.image_path(i))  # (3, H, W)
+        return image, self.check_size(i, self.load_mask(i), image.shape[1:])  # (H, W)
+
+    def drop_unreadable(self):
+        """Every mask decoded and checked, every image's header read (PIL) and its size compared with the mask's: wrong
+        data raises ValueError (FileNotFoundError), an undecodable file leaves the ids -> the errors of those."""
+        keep, failed = [], []
+        for i in tqdm(range(len(self)), desc="checking files", leave=False, disable=None):  # a bar on a terminal only
+            try:
+                mask = self.load_mask(i)  # (H, W)
+                with Image.open(self.image_path(i)) as im:
+                    self.check_size(i, mask, (im.height, im.width))
+                keep.append(self.ids[i])
+            except FileNotFoundError:
+                raise
+            except (OSError, RuntimeError) as e:  # PIL's UnidentifiedImageError is an OSError
+                failed.append(e)
+        self.ids = keep
+        return failed
 
 class VOCSegmentation(SegmentationFolder):
     """Pascal VOC 2012: 21 classes, 255 void (ignored); split train, val or trainaug (SegmentationClassAug masks). A
@@ -296,8 +320,7 @@ class VOCSegmentation(SegmentationFolder):
         image_dir = base / ("images" if flat else "JPEGImages")
         sets_file = base / ("sets" if flat else "ImageSets/Segmentation") / f"{split}.txt"
         mask_dir = base / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
-        _require("VOC image folder", image_dir, self.LAYOUT)
-        _require("VOC mask folder", mask_dir, self.LAYOUT)
+        _require("VOC", self.LAYOUT, image_dir, mask_dir)
         ids = read_id_list(sets_file, "VOC split file", f"the {split} id list of {self.LAYOUT}")
         names = base / "class_names.txt"
         names = [n.strip() for n in names.read_text().splitlines() if n.strip()] if names.is_file() else VOC_CLASSES
@@ -311,8 +334,7 @@ class ADE20k(SegmentationFolder):
         base = Path(root) if (Path(root) / "images").is_dir() else Path(root) / "ADEChallengeData2016"
         sub = {"train": "training", "val": "validation"}[split]
         image_dir, mask_dir = base / "images" / sub, base / "annotations" / sub
-        _require("ADE20k image folder", image_dir, self.LAYOUT)
-        _require("ADE20k annotation folder", mask_dir, self.LAYOUT)
+        _require("ADE20k", self.LAYOUT, image_dir, mask_dir)
         ids = sorted(p.stem for p in image_dir.glob("*.jpg"))
         if not ids:
             raise FileNotFoundError(f"no .jpg images in {image_dir}: expected {self.LAYOUT}")
@@ -344,8 +366,7 @@ class COCOStuffSeg(SegmentationFolder):
         mask_dir = theirs if offset == 0 else mask_dir
         if not image_dir.is_dir() and (root / f"{split}2017").is_dir():
             image_dir = root / f"{split}2017"
-        _require("COCO image folder", image_dir, self.LAYOUT)
-        _require("COCO-Stuff label-map folder", mask_dir, self.LAYOUT)
+        _require("COCO", self.LAYOUT, image_dir, mask_dir)
         ids = sorted(p.stem for p in mask_dir.glob("*.png"))
         if not ids:
             raise FileNotFoundError(f"no label maps (.png) in {mask_dir}: expected {self.LAYOUT}")
@@ -362,11 +383,11 @@ class Cityscapes(SegmentationFolder):
     """Cityscapes fine annotations: 19 classes (trainIds from gtFine labelIds), 255 ignored. Ids are the base names
     (aachen_000000_000019), whose first word is the city folder, as the reference evaluator's subset files name them."""
     LAYOUT = "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and gtFine/{train,val}/<city>/*_gtFine_labelIds.png"
+    NAMES = ("{city}/{id}_leftImg8bit.png", "{city}/{id}_gtFine_labelIds.png")
 
     def __init__(self, root, split="val", fraction=1.0, seed=0, ids_file=None):
         image_dir, mask_dir = Path(root) / "leftImg8bit" / split, Path(root) / "gtFine" / split
-        _require("Cityscapes image folder", image_dir, self.LAYOUT)
-        _require("Cityscapes gtFine folder", mask_dir, self.LAYOUT)
+        _require("Cityscapes", self.LAYOUT, image_dir, mask_dir)
         ids = sorted(p.name[:-len("_leftImg8bit.png")] for p in image_dir.glob("*/*_leftImg8bit.png"))
         if not ids:
             raise FileNotFoundError(f"no *_leftImg8bit.png images in {image_dir}/<city>: expected {self.LAYOUT}")
@@ -374,12 +395,6 @@ class Cityscapes(SegmentationFolder):
         lut[list(CITYSCAPES_CLASSES)] = torch.arange(19)
         super().__init__(select_ids(ids, fraction, seed, ids_file), image_dir, mask_dir,
                          CITYSCAPES_CLASSES.values(), ignore_index=255, lut=lut)
-
-    def image_path(self, i):
-        return self.image_dir / self.ids[i].split("_")[0] / f"{self.ids[i]}_leftImg8bit.png"
-
-    def mask_path(self, i):
-        return self.mask_dir / self.ids[i].split("_")[0] / f"{self.ids[i]}_gtFine_labelIds.png"
 
 def make_segmentation_dataset(name, root, split, **kw):
     """name: voc | ade20k | cityscapes | coco_things | coco_stuff; kw: fraction, seed, ids_file."""
@@ -551,9 +566,8 @@ def render_scene(size, g):
     return img.round().clamp(0, 255).to(torch.uint8), _void_borders(labels)
 
 def claim_synthetic_folder(root, name, params, force=False):
-    """root/name for a synthetic set with these params, or None when a complete one is there (unless force). The marker
-    root/name/.synthetic, written first, holds the params once the set is complete. A folder that is neither new, nor
-    empty, nor one of these sets (a real dataset, say) is refused, never written into."""
+    """root/name for a synthetic set with these params, or None when a complete one is there (unless force): its marker
+    .synthetic, written first, holds them once complete. Other non-empty folders (real data) are refused."""
     root = Path(root).expanduser()
     folder, marker = root / name, root / name / ".synthetic"
     if marker.is_file():
@@ -604,14 +618,21 @@ SPAIR_CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "ca
                     "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")
 SPAIR_LAYOUT = "JPEGImages/<category>/*.jpg, ImageAnnotation/<category>/*.json and PairAnnotation/<split>/*.json"
 
-def spair_pairs(root, split="test"):
-    """The pair annotations of a split, sorted by file name (a folder listing's order differs between systems)."""
+SPAIR_BINS = ("0", "1", "2", "all")  # the pairs' viewpoint_variation, and every pair
+
+def spair_pairs(root, split="test", per_bin=None):
+    """{(category, bin): the pair annotations}, read sorted by name (a folder listing's order differs between systems).
+    per_bin: Probe3D's subset of every (category, bin): random.seed(20), shuffle, the first per_bin."""
     folder = Path(root) / "PairAnnotation" / split
-    _require("SPair-71k pair folder", folder, SPAIR_LAYOUT)
-    pairs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+    _require("SPair-71k pair", SPAIR_LAYOUT, folder)
+    pairs, chosen = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))], {}
     if not pairs:
         raise FileNotFoundError(f"no pair annotations (.json) in {folder}: expected {SPAIR_LAYOUT}")
-    return pairs
+    for key in sorted({(p["category"], b) for p in pairs for b in ("all", str(p["viewpoint_variation"]))}):
+        chosen[key] = [p for p in pairs if p["category"] == key[0] and key[1] in ("all", str(p["viewpoint_variation"]))]
+        if per_bin:
+            random.Random(20).shuffle(chosen[key])  # the sequence of random.seed(20); random.shuffle
+    return {key: ps[:per_bin] for key, ps in chosen.items()}
 
 def spair_view(root, category, name, size):
     """An image padded bottom/right to a square with white, resized to size (PIL bicubic, antialiased), and its
@@ -621,26 +642,25 @@ def spair_view(root, category, name, size):
         square = Image.new("RGB", (side, side), (255, 255, 255))
         square.paste(im)
     kps = json.loads((Path(root) / "ImageAnnotation" / category / f"{name}.json").read_text())["kps"]
-    kps = [kps[str(k)] for k in range(len(kps))]  # "0".."K-1": [x, y] or null
-    kps = torch.tensor([[int(xy[0]), int(xy[1]), 1] if xy else [0, 0, 0] for xy in kps])
+    kps = torch.tensor([[int(xy[0]), int(xy[1]), 1] if xy else [0, 0, 0]
+                        for xy in (kps[str(k)] for k in range(len(kps)))])  # "0".."K-1": [x, y] or null
     kps[:, :2] = (kps[:, :2] * size / side).long()
     return TF.pil_to_tensor(square.resize((size, size), Image.BICUBIC)), kps  # (3, size, size), (K, 3)
 
 def affine_warp(img, A, b, out_hw, fill=128.0):
-    """img uint8 (3, H, W) warped so that the continuous pixel point p lands on A p + b, on an out_hw canvas."""
+    """img uint8 (3, H, W) warped onto an out_hw canvas: the continuous pixel point p lands on A p + b (float64)."""
     (H, W), (h, w) = img.shape[1:], out_hw
     ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")  # target pixel centres
-    src = (torch.stack([xs, ys], -1) - torch.tensor(b)) @ torch.linalg.inv(torch.tensor(A)).T  # (h, w, 2) xy
-    grid = (src / torch.tensor([W, H]) * 2 - 1)[None]  # align_corners=False: -1 and 1 are the outer pixel edges
+    src = (torch.stack([xs, ys], -1).double() - b) @ torch.linalg.inv(A).T  # (h, w, 2) xy
+    grid = (src / torch.tensor([W, H]) * 2 - 1)[None].float()  # align_corners=False: -1, 1: the outer pixel edges
     out = F.grid_sample(img[None].float() - fill, grid, mode="bilinear", align_corners=False)[0] + fill
     return out.round().clamp(0, 255).to(torch.uint8)
 
 def make_synthetic_spair(root="data/synthetic_spair", n_categories=2, n_pairs=6, image_size=160, n_kps=10, seed=0,
                          force=False):
     """SPair-71k's layout under root/SPair-71k (returned), test split: per category n_pairs pairs of a synthetic scene
-    and its affine warp (rotation growing with the viewpoint bin, pair i in bin i % 3) onto a wider canvas; keypoints
-    moved by the same warp (null where they leave the frame). Each pair JSON also holds its "warp" [A | b], source
-    pixels -> target pixels."""
+    and its affine warp onto a wider canvas (the rotation grows with the viewpoint bin, i % 3), the keypoints moved by
+    the same warp (null where they leave the frame); each pair JSON also holds its "warp" [A | b] (pixels)."""
     params = {"n_categories": n_categories, "n_pairs": n_pairs, "image_size": image_size, "n_kps": n_kps, "seed": seed}
     top = claim_synthetic_folder(root, "SPair-71k", params, force)
     if top is None:
@@ -649,30 +669,27 @@ def make_synthetic_spair(root="data/synthetic_spair", n_categories=2, n_pairs=6,
     for c, category in enumerate(SPAIR_CATEGORIES[:n_categories]):
         for i in range(n_pairs):
             g = torch.Generator().manual_seed(seed * 1_000_003 + c * 1000 + i)
-            img = render_scene(S, g)[0]
-            theta, scale = math.radians((5 + 12 * (i % 3)) * (2 * _uniform(g, 0, 1) - 1)), _uniform(g, 0.8, 1.2)
-            cos, sin = scale * math.cos(theta), scale * math.sin(theta)
-            A = [[cos, -sin], [sin, cos]]  # the scene centre goes near the wider canvas's centre
-            shift = [_uniform(g, -S / 10, S / 10) for _ in range(2)]
-            b = [c - (A[k][0] + A[k][1]) * S / 2 + shift[k] for k, c in enumerate((S * 5 / 8, S / 2))]
-            src_kps = (torch.rand(n_kps, 2, generator=g) * 0.7 + 0.15) * S
-            trg_kps = src_kps @ torch.tensor(A).T + torch.tensor(b)
+            img, angle = render_scene(S, g)[0], math.radians((5 + 12 * (i % 3)) * _uniform(g, -1, 1))
+            A = _uniform(g, 0.8, 1.2) * torch.tensor([[math.cos(angle), -math.sin(angle)],
+                                                      [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
+            # the scene centre lands near the canvas centre
+            b = torch.tensor([S * 5 / 8, S / 2], dtype=torch.float64) - A.sum(1) * S / 2 + _uniform(g, -S / 10, S / 10)
+            src_kps = (torch.rand(n_kps, 2, generator=g, dtype=torch.float64) * 0.7 + 0.15) * S  # (K, 2) xy
+            trg_kps = src_kps @ A.T + b
             inside = ((trg_kps >= 0) & (trg_kps < torch.tensor([S * 5 / 4, S]))).all(1)
             src, trg, pair = f"{i:04d}a", f"{i:04d}b", f"{len(names):06d}-{i:04d}a-{i:04d}b:{category}"
-            views = ((src, img, src_kps, torch.ones(n_kps, dtype=torch.bool)),
-                     (trg, affine_warp(img, A, b, (S, S * 5 // 4)), trg_kps, inside))
-            for name, im, kps, keep in views:
-                kps = {str(k): [int(x), int(y)] if ok else None for k, ((x, y), ok) in enumerate(zip(kps.tolist(),
-                                                                                                        keep))}
+            for name, im, kps, keep in ((src, img, src_kps, torch.ones_like(inside)),
+                                        (trg, affine_warp(img, A, b, (S, S * 5 // 4)), trg_kps, inside)):
+                kps = {str(k): [int(x), int(y)] if ok else None
+                       for k, ((x, y), ok) in enumerate(zip(kps.tolist(), keep))}
                 _write(top / "ImageAnnotation" / category / f"{name}.json", {"filename": f"{name}.jpg", "kps": kps})
                 _write(top / "JPEGImages" / category / f"{name}.jpg", bytes(encode_jpeg(im, quality=95).numpy()))
-            box = trg_kps[inside]
             _write(top / "PairAnnotation" / "test" / f"{pair}.json", {
                 "filename": pair, "src_imname": f"{src}.jpg", "trg_imname": f"{trg}.jpg", "category": category,
                 "src_imsize": [S, S, 3], "trg_imsize": [S * 5 // 4, S, 3], "src_bndbox": [0, 0, S - 1, S - 1],
-                "trg_bndbox": [*box.amin(0).int().tolist(), *box.amax(0).int().tolist()],
-                "kps_ids": inside.nonzero().flatten().tolist(), "viewpoint_variation": i % 3, "scale_variation": 0,
-                "truncation": 0, "occlusion": 0, "mirror": 0, "warp": [A[0] + b[:1], A[1] + b[1:]]})
+                "trg_bndbox": trg_kps[inside].amin(0).int().tolist() + trg_kps[inside].amax(0).int().tolist(),
+                "kps_ids": inside.nonzero().flatten().tolist(), "viewpoint_variation": i % 3,
+                "warp": torch.cat([A, b[:, None]], 1).tolist()})
             names.append(pair)
     _write(top / "Layout" / "large" / "test.txt", "".join(f"{n}\n" for n in names).encode())
     (top / ".synthetic").write_text(json.dumps(params))

@@ -1,22 +1,22 @@
 """
-Dense evaluation of a frozen backbone's final-norm patch tokens (our checkpoints, the official DINOv2 weights, the
-released NeCo weights): in-context (Hummingbird) retrieval, a linear probe and K-means clustering.
+Evaluation of a frozen backbone (our checkpoints, the official DINOv2 weights, the released NeCo weights): dense
+in-context (Hummingbird) retrieval, a linear probe and K-means on the final-norm patch tokens, and SPair-71k keypoint
+correspondence (the Probe3D protocol).
 
     python evaluate.py --ckpt runs/neco/last.pt --task voc_incontext [--teacher]   # a train.py run (its EMA teacher)
     python evaluate.py --ckpt neco_vits14_reg.pth --task ade_linear                # a bare state_dict file
-    python evaluate.py --ckpt hub:dinov2_vits14_reg --task voc_cluster             # the official DINOv2 weights
+    python evaluate.py --ckpt hub:dinov2_vits14_reg --task spair_correspondence    # the official DINOv2 weights
     python evaluate.py --ckpt runs/demo/last.pt --task voc_incontext --demo        # the offline demo, CPU
-    python evaluate.py ... --set eval.incontext.memory_size=102400 eval.incontext.fraction=0.125
+    python evaluate.py ... --set eval.incontext.memory_size=[102400,1024000] eval.incontext.fraction=0.125
 
-stdout holds one line, a JSON object (task, miou in percent, per_class_iou, settings, elapsed_s, ...), printed
-first and then appended to --out; notes, warnings and progress go to stderr. Settings: config.yaml, section eval.
+stdout holds the result, a JSON line (one per memory size of a sweep), printed first and then appended to --out;
+notes, warnings and progress go to stderr. Settings: config.yaml, section eval.
 """
 import argparse
 import functools
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import tv_tensors
 from torchvision.io import encode_png
 from torchvision.transforms import v2
@@ -53,9 +52,9 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # in-context segmentation: a memory of labelled train patches, exact k-NN search, soft label transfer, scoring
 def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, precision, n_vis=0):
-    """Each val patch takes the labels of its k nearest memory patches; one confusion matrix, scored every way. A list
-    of memory sizes is a sweep: one memory for the largest, whose per-image rare-class order gives every smaller one
-    its patches (those of a separate run). -> [(per-class IoU, mIoU, picture rows (image, gt, pred), extra keys)]."""
+    """Val patches take the labels of their k nearest memory patches; scored every way from one confusion matrix. A
+    sweep (a list of memory sizes) builds the largest memory: each smaller one is a prefix of every image's patches.
+    -> [(per-class IoU, mIoU, picture rows (image, gt, pred), extra result keys)], one per size."""
     torch.manual_seed(s["seed"])  # the memory augmentation draws from the global generator
     C, size, p, protocol = val_set.num_classes, s["image_size"], backbone.patch_size, PROTOCOLS[s["protocol"]]
     sizes = s["memory_size"] if isinstance(s["memory_size"], list) else [s["memory_size"]]
@@ -63,16 +62,12 @@ def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, pre
     keys, labels = build_memory(backbone, train_set, C, val_set.ignore_index, size, largest, s["aug_epochs"],
                                 s["batch_size"], s["seed"], device, num_workers, precision, protocol["normalize"])
     n = [memory_per_image(m, len(train_set), s["aug_epochs"], (size // p) ** 2) for m in sizes]
-    memories = []
-    for n_m in n:  # (keys, labels) of size m: the first n_m of every image's max(n) patches
-        keys_m, labels_m = (x.unflatten(0, (-1, max(n)))[:, :n_m].flatten(0, 1) for x in (keys, labels))
-        half_sq = None if protocol["normalize"] else torch.cat([c.float().pow(2).sum(1) / 2
-                                                                for c in keys_m.split(1 << 20)])
-        memories.append((keys_m, labels_m, half_sq))
-        print(f"memory: {len(keys_m):,} patches x {keys.shape[1]} ({keys.dtype}), {len(train_set)} images",
-              file=sys.stderr)
-    temperature, vis = s["temperature"] or protocol["temperature"], []
-    confs = [torch.zeros(C, C, dtype=torch.long) for _ in sizes]
+    memories = [[x.unflatten(0, (-1, max(n)))[:, :n_m].flatten(0, 1) for x in (keys, labels)] for n_m in n]  # prefixes
+    for mem in memories:  # + DIP's |k|^2 / 2, in chunks (a float32 copy of 10M fp16 keys is 15 GB)
+        mem.append(None if protocol["normalize"] else
+                   torch.cat([c.float().pow(2).sum(1) / 2 for c in mem[0].split(1 << 20)]))
+        print(f"memory: {len(mem[0]):,} patches x {keys.shape[1]} ({keys.dtype})", file=sys.stderr)
+    temperature, vis, confs = s["temperature"] or protocol["temperature"], [], torch.zeros(len(sizes), C, C).long()
     for images, masks in batches(val_set, v2.Resize((size, size)), s["batch_size"], num_workers, "query"):
         feats = patch_features(backbone, images.to(device), precision)  # (B, h, w, D)
         B, h, w, D = feats.shape
@@ -81,13 +76,11 @@ def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, pre
             pred = bilinear(probs.reshape(B, h, w, C).permute(0, 3, 1, 2), size).argmax(1).cpu()  # (B, S, S)
             confs[i] += confusion_matrix(pred, masks, C, 255)  # only void dropped: every scoring starts from this
             vis += list(zip(images, masks, pred))[:n_vis - len(vis)] if i == 0 else []  # the first size's
-    results = []
-    for m, (keys_m, _, _), conf in zip(sizes, memories, confs):
-        scores = incontext_scores(conf, val_set.ignore_index)
-        results.append((*scores[protocol["score"]], vis, {
-            "protocol": s["protocol"], "temperature": temperature, "memory_size": m, "memory_patches": len(keys_m),
-            "miou_variants": {name: 100 * v for name, (_, v) in scores.items()}}))
-    return results
+    scores = [incontext_scores(conf, val_set.ignore_index) for conf in confs]
+    return [(*sc[protocol["score"]], vis, {"protocol": s["protocol"], "temperature": temperature, "memory_size": m,
+                                          "memory_patches": len(mem[0]),
+                                          "miou_variants": {name: 100 * v for name, (_, v) in sc.items()}})
+            for m, mem, sc in zip(sizes, memories, scores)]
 
 def memory_per_image(memory_size, n_images, aug_epochs, n_patches):
     """Patches kept per image and pass: a memory_size budget (None: all) spread evenly, capped at an image's patches
@@ -98,8 +91,7 @@ def memory_per_image(memory_size, n_images, aug_epochs, n_patches):
 def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memory_size=None, aug_epochs=0,
                  batch_size=8, seed=0, device="cpu", num_workers=0, precision="fp32", normalize=True):
     """Keys (M, D), L2-normalised unless normalize is False, fp16 on GPU, and labels (M, C), pixel counts per patch.
-    A memory_size budget (None: every patch, in order) is filled by the rare-class sampler, each image's patches in its
-    order: the first n of them are those a smaller budget keeps."""
+    A memory_size budget (None: every patch) is filled by the rare-class sampler, each image's patches rarest first."""
     p, passes = backbone.patch_size, max(aug_epochs, 1)  # aug_epochs 0: one plain pass
     n_patches = (image_size // p) ** 2
     per_image = memory_per_image(memory_size, len(dataset), aug_epochs, n_patches)
@@ -179,8 +171,7 @@ def topk_inner_product(queries, keys, k, key_bias=None, query_chunk=4096, key_ch
 
 def incontext_scores(conf, ignore_index):
     """{variant: (per-class IoU, mIoU)} of the in-context confusion (only 255 dropped). hbird: the reference's (the
-    published numbers); hungarian_nanmean: its mean over the classes present; plain: no matching, mean over the
-    classes present; dip: DIP's, plain with ADE20k's ignored class 0 scored as a class."""
+    published numbers); hungarian_nanmean: over the classes present; plain: neither; dip: plain, ADE20k's 0 scored."""
     return {"hbird": score(conf, ignore_index, match=True),
             "hungarian_nanmean": score(conf, ignore_index, match=True, over_all=False),
             "plain": score(conf, ignore_index, over_all=False), "dip": score(conf, over_all=False)}
@@ -353,12 +344,10 @@ def nearest_centroid(x, centroids, chunk=65536):
 
 # -----------------------------------------------------------------------------
 # SPair-71k semantic correspondence, the Probe3D protocol: a source keypoint's descriptor finds its best target patch
-SPAIR_BINS = ("0", "1", "2", "all")  # the pairs' viewpoint_variation, and every pair
-
 def evaluate_spair(backbone, root, s, device, precision):
     """Recall of the transferred keypoints per threshold and viewpoint bin (pooled over a (category, bin)'s keypoints,
     then the plain mean over categories), per category, with the pair and keypoint counts behind every number."""
-    chosen, size = spair_selection(data.spair_pairs(root, s["split"]), s["pairs_per_bin"]), s["image_size"]
+    chosen, size = data.spair_pairs(root, s["split"], s["pairs_per_bin"]), s["image_size"]
     errors = {}  # pair name -> (n,) errors of its keypoints visible in both images
     for category in sorted({c for c, _ in chosen}):
         views = {}  # image name -> (L2-normalised patch tokens (h, w, D), keypoints (K, 3)): each image once
@@ -381,24 +370,10 @@ def evaluate_spair(backbone, root, s, device, precision):
     return spair_recalls({key: [errors[p["filename"]] for p in ps if p["filename"] in errors]
                           for key, ps in chosen.items()}, s["thresholds"])
 
-def spair_selection(pairs, per_bin=None):
-    """{(category, bin): pairs}. per_bin: Probe3D's subset, random.seed(20), shuffle, the first per_bin; here of the
-    pairs sorted by name (Probe3D's order is a folder listing's, which differs between systems)."""
-    chosen = {}
-    for c in sorted({p["category"] for p in pairs}):
-        for b in SPAIR_BINS:
-            ps = [p for p in pairs if p["category"] == c and b in ("all", str(p["viewpoint_variation"]))]
-            if per_bin:
-                random.Random(20).shuffle(ps)  # the sequence of random.seed(20); random.shuffle
-            if ps:
-                chosen[c, b] = ps[:per_bin]
-    return chosen
-
 def keypoint_errors(feats_s, kps_s, feats_t, kps_t, size, box_scale, centre=False):
-    """Tokens (h, w, D) and keypoints (K, 3) (x, y, visible; in size x size pixels) of a source and a target image ->
-    (n,) errors of the n keypoints visible in both: the source descriptor, bilinear at the keypoint (align_corners),
-    predicts the target cell of the largest dot product (its top-left corner, or centre); the distance to the true
-    keypoint, in units of the image side, over box_scale = the target box's longer side / the image's longer side."""
+    """Tokens (h, w, D), keypoints (K, 3) (x, y, visible; size x size pixels) of the source and target -> (n,) errors
+    of the keypoints visible in both: the source descriptor (bilinear, align_corners) picks the target cell of largest
+    dot product (its top-left corner, or centre); the distance to the truth over box_scale, in image sides."""
     both = (kps_s[:, 2] == 1) & (kps_t[:, 2] == 1)
     xy_s, xy_t = kps_s[both, :2].float() / size, kps_t[both, :2].float() / size  # (n, 2) in [0, 1]
     h, w, D = feats_t.shape
@@ -412,13 +387,12 @@ def spair_recalls(errors, thresholds):
     """{(category, bin): [(n,) errors per pair]} -> recall (%) per threshold and bin (the mean over the categories with
     keypoints), per category, and the pair and keypoint counts. A keypoint is correct if its error < threshold."""
     pooled = {key: torch.cat(e) if e else torch.empty(0) for key, e in errors.items()}
-    result = {"recall": {}, "per_category": {}, "pairs": {b: {} for b in SPAIR_BINS},
-              "keypoints": {b: {} for b in SPAIR_BINS}}
+    result = {"recall": {}, "per_category": {}, **{n: {b: {} for b in data.SPAIR_BINS} for n in ("pairs", "keypoints")}}
     for (c, b), e in pooled.items():
         result["pairs"][b][c], result["keypoints"][b][c] = len(errors[c, b]), len(e)
     for t in thresholds:
         per = {b: {c: 100 * (e < t).double().mean().item() for (c, bb), e in pooled.items() if bb == b and len(e)}
-               for b in SPAIR_BINS}
+               for b in data.SPAIR_BINS}
         result["per_category"][str(t)] = per
         result["recall"][str(t)] = {b: sum(v.values()) / len(v) if v else None for b, v in per.items()}
     return result
@@ -521,8 +495,6 @@ def hungarian(cost):
     augmenting paths with potentials, O(n^2 m) (scipy is not a dependency)."""
     c = cost.double().cpu().numpy()
     n, m = c.shape
-    if n > m:
-        raise ValueError(f"hungarian needs rows <= columns, got a {n}x{m} cost matrix")
     u, v = np.zeros(n + 1), np.zeros(m + 1)  # potentials; index 0 is a virtual row / column
     owner = np.zeros(m + 1, dtype=np.int64)  # owner[j]: the row (1-based) holding column j, 0 when free
     for row in range(1, n + 1):
@@ -613,6 +585,10 @@ def make_datasets(family, dataset, ev, s, data_root, demo):
     name = "voc" if demo else dataset
     try:
         val_set = data.make_segmentation_dataset(name, root, "val")
+        for e in val_set.drop_unreadable():  # before anything heavy: wrong val data stops here
+            skip_unreadable(e)
+        if not val_set.ids:
+            raise UserError(f"no readable val image in {val_set.image_dir}")
         if family == "cluster":
             return root, None, val_set
         split = ev["voc_train_split"] if name == "voc" and not demo else "train"
@@ -632,27 +608,6 @@ def check_writable(path, what, flag):
         raise UserError(f"{what} {path} ({flag}) lies under {target}, which is a file, not a folder")
     if not os.access(target, os.W_OK):
         raise UserError(f"{what} {path} ({flag}): {target} is not writable; pass another path")
-
-def check_val_set(val_set):
-    """Before anything heavy runs: every val mask decoded and checked, every val image's header read (PIL) and its
-    size compared with the mask's. Wrong data stops here; an undecodable file is dropped and counted."""
-    keep = []
-    for i in tqdm(range(len(val_set)), desc="checking val files", leave=False, disable=None):  # bar on a terminal only
-        try:
-            mask = val_set.load_mask(i)  # (H, W)
-            with Image.open(val_set.image_path(i)) as im:
-                size = (im.height, im.width)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(f"val set: {e}") from None
-        except (OSError, RuntimeError) as e:  # PIL's UnidentifiedImageError is an OSError
-            skip_unreadable(e)
-            continue
-        if tuple(mask.shape) != size:
-            raise UserError(f"val set: mask {val_set.mask_path(i)} is {tuple(mask.shape)} but its image is {size}")
-        keep.append(val_set.ids[i])
-    if not keep:
-        raise UserError(f"no readable val image in {val_set.image_dir}")
-    val_set.ids = keep
 
 def run(args):
     t0 = time.time()
@@ -676,22 +631,30 @@ def run(args):
         check_writable(vis_path, "picture", "--save-vis")
     UNREADABLE.clear()
     root, train_set, val_set = make_datasets(family, dataset, ev, s, args.data_root, args.demo)
-    if val_set is not None:
-        check_val_set(val_set)
     backbone, about = load_backbone(args.ckpt, args.teacher)
     backbone.set_pos_embed_rule(s["pos_embed_rule"])  # per family: the resizing its reference evaluator ran with
     device = pick_device(ev["device"], "eval.device")
-    common = {"pos_embed_rule": s["pos_embed_rule"], "settings": s, "precision": ev["precision"], "ckpt": args.ckpt,
-              **about, "data_root": str(root), "demo": args.demo, "device": str(device)}
+    print(f"{args.task}: {about['arch']} on {device}", file=sys.stderr)
     if family == "spair":
-        print(f"{args.task}: {about['arch']} on {device}", file=sys.stderr)
-        results = [{"task": args.task, **evaluate_spair(backbone.to(device), root, s, device, ev["precision"])}]
+        results, vis = [evaluate_spair(backbone.to(device), root, s, device, ev["precision"])], None
     else:
-        results = evaluate_segmentation(args.task, family, backbone, train_set, val_set, s, ev, device,
-                                        ev["vis_images"] if vis_path else 0)
-    vis = [r.pop("vis", None) for r in results][0]
-    lines = [json.dumps({**r, **common, "n_unreadable": len(UNREADABLE), "elapsed_s": round(time.time() - t0, 2),
-                         **({"vis": str(vis_path)} if vis_path else {})}) for r in results]
+        points = len(val_set) * (s["image_size"] // backbone.patch_size) ** 2
+        if family == "cluster" and max(K or val_set.num_classes for K in s["ks"]) > points:  # K-means needs K points
+            raise ConfigError(f"config key 'eval.cluster.ks' asks for more clusters than the {points} val patch "
+                              f"tokens ({len(val_set)} images), got {s['ks']}")
+        sets = (val_set,) if train_set is None else (train_set, val_set)
+        evaluator = {"incontext": evaluate_incontext, "linear": evaluate_linear, "cluster": evaluate_cluster}[family]
+        results = evaluator(backbone.to(device), *sets, s, device, ev["num_workers"], ev["precision"],
+                            ev["vis_images"] if vis_path else 0)
+        vis = results[0][2]
+        results = [{"miou": 100 * miou, "per_class_iou": {c: None if math.isnan(v) else round(100 * v, 4) for c, v in
+                    zip(val_set.class_names, iou.tolist())}, **extra, "n_val": len(val_set),
+                    "n_train": None if train_set is None else len(train_set)} for iou, miou, _, extra in results]
+    lines = [json.dumps({"task": args.task, **r, "pos_embed_rule": s["pos_embed_rule"], "settings": s,
+                         "precision": ev["precision"], "ckpt": args.ckpt, **about, "data_root": str(root),
+                         "demo": args.demo, "n_unreadable": len(UNREADABLE), "device": str(device),
+                         "elapsed_s": round(time.time() - t0, 2), **({"vis": str(vis_path)} if vis_path else {})})
+             for r in results]
     print("\n".join(lines), flush=True)  # first: a save that fails after all checks must not lose the result
     failed = []
     try:
@@ -708,22 +671,6 @@ def run(args):
     if failed:
         raise UserError(f"could not save the {' nor the '.join(failed)}; the result line is on stdout")
     return [json.loads(line) for line in lines]
-
-def evaluate_segmentation(task, family, backbone, train_set, val_set, s, ev, device, n_vis):
-    """The in-context, linear or K-means protocol -> result dicts (one per memory size of a sweep, else one)."""
-    points = len(val_set) * (s["image_size"] // backbone.patch_size) ** 2
-    if family == "cluster" and max(K or val_set.num_classes for K in s["ks"]) > points:  # K-means needs K points
-        raise ConfigError(f"config key 'eval.cluster.ks' asks for more clusters than the {points} val patch tokens "
-                          f"({len(val_set)} images), got {s['ks']}")
-    print(f"{task}: on {device}, {len(val_set)} val images"
-          + (f", {len(train_set)} train images" if train_set is not None else ""), file=sys.stderr)
-    sets = (val_set,) if train_set is None else (train_set, val_set)
-    evaluator = {"incontext": evaluate_incontext, "linear": evaluate_linear, "cluster": evaluate_cluster}[family]
-    return [{"task": task, "miou": 100 * miou, "per_class_iou": {
-        c: None if math.isnan(v) else round(100 * v, 4) for c, v in zip(val_set.class_names, iou.tolist())}, **extra,
-        "n_val": len(val_set), "n_train": None if train_set is None else len(train_set), "vis": vis}
-        for iou, miou, vis, extra in evaluator(backbone.to(device), *sets, s, device, ev["num_workers"],
-                                               ev["precision"], n_vis)]
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Dense evaluation (in-context, linear, K-means) of a backbone checkpoint")

@@ -966,7 +966,7 @@ def oracle_view(root, category, name, size, grid, warp=None):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_oracle_features_find_every_keypoint_and_shuffled_ones_do_not(spair, shuffle):
     errors = {}
-    for pair in data.spair_pairs(spair):
+    for pair in data.spair_pairs(spair)["aeroplane", "all"] + data.spair_pairs(spair)["bicycle", "all"]:
         src, trg = pair["filename"].split(":")[0].split("-")[1:]
         fs, ks = oracle_view(spair, pair["category"], src, 448, 32)
         ft, kt = oracle_view(spair, pair["category"], trg, 448, 32, pair["warp"])
@@ -979,7 +979,7 @@ def test_oracle_features_find_every_keypoint_and_shuffled_ones_do_not(spair, shu
                                                             centre=True)
         corner = evaluate.keypoint_errors(fs, ks, ft, kt, 448, max(x2 - x1, y2 - y1) / side)
         assert shuffle or corner.mean() > errors[pair["filename"]].mean()  # Probe3D's corner: half a cell off
-    chosen = evaluate.spair_selection(data.spair_pairs(spair), 200)
+    chosen = data.spair_pairs(spair, per_bin=200)
     result = evaluate.spair_recalls({k: [errors[p["filename"]] for p in ps] for k, ps in chosen.items()}, [0.1])
     assert set(result["recall"]["0.1"]) == {"0", "1", "2", "all"}
     if shuffle:  # chance: a disc of 0.1 box sides (about half the image side) covers about 1% of the image
@@ -988,12 +988,13 @@ def test_oracle_features_find_every_keypoint_and_shuffled_ones_do_not(spair, shu
         assert result["recall"]["0.1"] == {"0": 100.0, "1": 100.0, "2": 100.0, "all": 100.0}
 
 
-def test_spair_recall_pooling_bins_and_counts_hand_made():
-    pairs = [{"filename": "a1", "category": "cat", "viewpoint_variation": 0},
-             {"filename": "a2", "category": "cat", "viewpoint_variation": 1},
-             {"filename": "b1", "category": "dog", "viewpoint_variation": 0}]
+def test_spair_recall_pooling_bins_and_counts_hand_made(tmp_path):
+    for name, category, bin in (("b1", "dog", 0), ("a2", "cat", 1), ("a1", "cat", 0)):
+        path = tmp_path / "PairAnnotation" / "test" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"filename": name, "category": category, "viewpoint_variation": bin}))
     errors = {"a1": torch.tensor([0.04, 0.1, 0.12]), "a2": torch.tensor([0.2, 0.09]), "b1": torch.tensor([0.01, 0.3])}
-    chosen = evaluate.spair_selection(pairs)
+    chosen = data.spair_pairs(tmp_path)
     assert {k: [p["filename"] for p in ps] for k, ps in chosen.items()} == {
         ("cat", "0"): ["a1"], ("cat", "1"): ["a2"], ("cat", "all"): ["a1", "a2"], ("dog", "0"): ["b1"],
         ("dog", "all"): ["b1"]}
@@ -1008,15 +1009,17 @@ def test_spair_recall_pooling_bins_and_counts_hand_made():
 
 
 def test_spair_subset_is_probe3ds_seeded_shuffle_of_the_sorted_pairs(spair):
-    pairs = data.spair_pairs(spair)
-    assert [p["filename"] for p in pairs] == sorted(p["filename"] for p in pairs)  # not the folder listing's order
-    chosen = evaluate.spair_selection(pairs, 3)
+    everything = data.spair_pairs(spair)
+    names = [p["filename"] for p in everything["aeroplane", "all"]]
+    assert names == sorted(names) and len(names) == 6  # sorted, not the folder listing's order
+    chosen = data.spair_pairs(spair, per_bin=3)
+    assert set(chosen) == set(everything) and len(chosen) == 2 * 4
     for (category, b), members in chosen.items():
-        expected = [p for p in pairs if p["category"] == category and b in ("all", str(p["viewpoint_variation"]))]
+        expected = list(everything[category, b])
+        assert all(b in ("all", str(p["viewpoint_variation"])) and p["category"] == category for p in expected)
         random.seed(20)  # Probe3D: random.seed(20); random.shuffle(instances); instances[:num_instances]
         random.shuffle(expected)
         assert members == expected[:3]
-    assert len(chosen) == 2 * 4 and all(len(chosen[c, "all"]) == 3 for c in data.SPAIR_CATEGORIES[:2])
 
 
 def test_spair_correspondence_end_to_end(ckpt, spair, tmp_path, capsys):
