@@ -623,7 +623,9 @@ def run(args):
     if not hub and not Path(args.ckpt).expanduser().is_file():
         raise UserError(f"checkpoint {args.ckpt} not found (a train.py last.pt, a state_dict file or hub:<name>)")
     out = Path(args.out or ("results.jsonl" if hub else Path(args.ckpt).parent / "results.jsonl")).expanduser()
-    vis_path = Path(args.save_vis).expanduser() / f"{args.task}.png" if args.save_vis and family != "spair" else None
+    if args.save_vis and family == "spair":
+        raise UserError("--save-vis draws segmentation pictures; spair_correspondence has none: leave it out")
+    vis_path = Path(args.save_vis).expanduser() / f"{args.task}.png" if args.save_vis else None
     check_writable(out, "results file", "--out")
     if vis_path and ev["vis_images"] < 1:
         raise ConfigError("config key 'eval.vis_images' must be an integer > 0 with --save-vis, got 0")
@@ -631,6 +633,10 @@ def run(args):
         check_writable(vis_path, "picture", "--save-vis")
     UNREADABLE.clear()
     root, train_set, val_set = make_datasets(family, dataset, ev, s, args.data_root, args.demo)
+    points = len(val_set) * (s["image_size"] // model.PATCH_SIZE) ** 2 if family == "cluster" else 0
+    if family == "cluster" and max(K or val_set.num_classes for K in s["ks"]) > points:  # K-means needs K points
+        raise ConfigError(f"config key 'eval.cluster.ks' asks for more clusters than the {points} val patch tokens "
+                          f"({len(val_set)} images), got {s['ks']}")
     backbone, about = load_backbone(args.ckpt, args.teacher)
     backbone.set_pos_embed_rule(s["pos_embed_rule"])  # per family: the resizing its reference evaluator ran with
     device = pick_device(ev["device"], "eval.device")
@@ -638,10 +644,6 @@ def run(args):
     if family == "spair":
         results, vis = [evaluate_spair(backbone.to(device), root, s, device, ev["precision"])], None
     else:
-        points = len(val_set) * (s["image_size"] // backbone.patch_size) ** 2
-        if family == "cluster" and max(K or val_set.num_classes for K in s["ks"]) > points:  # K-means needs K points
-            raise ConfigError(f"config key 'eval.cluster.ks' asks for more clusters than the {points} val patch "
-                              f"tokens ({len(val_set)} images), got {s['ks']}")
         sets = (val_set,) if train_set is None else (train_set, val_set)
         evaluator = {"incontext": evaluate_incontext, "linear": evaluate_linear, "cluster": evaluate_cluster}[family]
         results = evaluator(backbone.to(device), *sets, s, device, ev["num_workers"], ev["precision"],

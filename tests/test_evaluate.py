@@ -561,6 +561,8 @@ def test_memory_size_sweep_equals_separate_runs(ckpt, voc, tmp_path, capsys):
         for key in ("miou", "per_class_iou", "miou_variants", "memory_patches"):
             assert r[key] == alone[key], key
     assert [r["memory_patches"] for r in sweep] == [2 * 6, 6 * 6, 16 * 6]  # 12 // 6, 40 // 6, capped at 16, x 6
+    rc, _, err = run_cli(capsys, argv + ["eval.incontext.memory_size=[12,0]"])
+    assert "eval.incontext.memory_size" in one_error_line(rc, err)
 
 
 def test_subset_file_selects_the_memory_images(ckpt, voc, tmp_path, capsys):
@@ -586,7 +588,7 @@ def test_each_family_applies_its_pos_embed_rule(task, rule, ckpt, voc, tmp_path,
 
     def fake_evaluator(backbone, *args, **kwargs):
         seen["tokens"] = backbone.forward_features(x)["x_norm_patchtokens"]
-        return torch.zeros(7), 0.5, [], {}
+        return [(torch.zeros(7), 0.5, [], {})]
     monkeypatch.setattr(evaluate, f"evaluate_{evaluate.TASKS[task][0]}", fake_evaluator)
     rc, result, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", task, "--data-root", voc, "--out",
                                        tmp_path / "r.jsonl", "--set", *TINY, "eval.voc_train_split=train"])
@@ -1035,6 +1037,8 @@ def test_spair_correspondence_end_to_end(ckpt, spair, tmp_path, capsys):
     assert rc == 0 and final["pairs"]["all"] == {"aeroplane": 6, "bicycle": 6}, err
     rc, _, err = run_cli(capsys, argv[:4] + ["--data-root", tmp_path / "absent"])
     assert "eval.roots.spair" in one_error_line(rc, err)
+    rc, _, err = run_cli(capsys, argv + ["--save-vis", tmp_path / "vis"])
+    assert "--save-vis" in one_error_line(rc, err)
 
 
 def test_patch_features_pads_the_normalised_image_with_zeros_centred(ckpt):
