@@ -1,6 +1,7 @@
 """
 Data for NeCo: the multi-crop transform that records every crop's box, the training images, the evaluation datasets
-(VOC, ADE20k, COCO-Things/Stuff), the photometric augmentation batched on the device, and a synthetic VOC-format set.
+(VOC, ADE20k, Cityscapes, COCO-Things/Stuff, SPair-71k pairs), the photometric augmentation batched on the device,
+and synthetic sets in the VOC and SPair-71k layouts.
 
 Box convention everywhere: xyxy in continuous pixel coordinates, pixel column j spans [j, j + 1], so a crop of the
 columns j..j+w-1 has x1 = j, x2 = j + w. Feature maps follow the same rule in patch units (cell i spans [i, i + 1]),
@@ -11,6 +12,7 @@ import io
 import json
 import math
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,9 +104,10 @@ def crop_intersection_rois(box_g, box_v, grid_g, grid_v, patch_size=14):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what decode_image reads (it has no BMP or TIFF decoder)
 READ_ATTEMPTS = 20  # an unreadable image is replaced at most this many times in a row before the loop gives up
 
-def _require(what, folder, layout):
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{what} {folder} not found: expected {layout}")
+def _require(what, layout, *folders):
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{what} folder {folder} not found: expected {layout}")
 
 def decode_file(path, what, mode):
     """torchvision's decode_image on a file's bytes, read with open(), which takes every name the OS gives
@@ -148,7 +152,7 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __init__(self, root, transform, seed=0):
         self.root, self.transform, self.seed, self.epoch = Path(root).expanduser(), transform, seed, 0
-        _require("training image folder", self.root, "a folder of images (e.g. COCO train2017), searched recursively")
+        _require("training image", "a folder of images (e.g. COCO train2017), searched recursively", self.root)
         self.files = list_images(self.root)
         if not self.files:
             raise FileNotFoundError(f"no image files ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under "
@@ -250,6 +254,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
     """(image uint8 (3, H, W), mask int64 (H, W)) pairs from image_dir/<id>.jpg and mask_dir/<id>.png; lut, if
     given, maps the raw mask values (0..255) to class ids (a 256-entry int64 table)."""
 
+    NAMES = ("{id}.jpg", "{id}.png")  # image and mask file names; {city}: the id's first word
+
     def __init__(self, ids, image_dir, mask_dir, class_names, ignore_index, lut=None):
         self.ids, self.image_dir, self.mask_dir, self.lut = list(ids), Path(image_dir), Path(mask_dir), lut
         self.class_names, self.num_classes, self.ignore_index = list(class_names), len(class_names), ignore_index
@@ -258,10 +264,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return len(self.ids)
 
     def image_path(self, i):
-        return self.image_dir / f"{self.ids[i]}.jpg"
+        return self.image_dir / self.NAMES[0].format(id=self.ids[i], city=self.ids[i].split("_")[0])
 
     def mask_path(self, i):
-        return self.mask_dir / f"{self.ids[i]}.png"
+        return self.mask_dir / self.NAMES[1].format(id=self.ids[i], city=self.ids[i].split("_")[0])
 
     def load_mask(self, i):
         """Class ids (H, W) of item i. A value that is neither a class nor the ignore index is an error naming the
@@ -274,12 +280,31 @@ class SegmentationFolder(torch.utils.data.Dataset):
                              f" nor the ignore index {self.ignore_index}: check the dataset and its mask folder")
         return mask
 
+    def check_size(self, i, mask, image_hw):
+        if tuple(mask.shape) != tuple(image_hw):
+            raise ValueError(f"mask {self.mask_path(i)} is {tuple(mask.shape)} but its image is {tuple(image_hw)}")
+        return mask
+
     def __getitem__(self, i):
-        image, mask = read_image(self.image_path(i)), self.load_mask(i)  # (3, H, W), (H, W)
-        if mask.shape != image.shape[1:]:
-            raise ValueError(f"mask {self.mask_path(i)} is {tuple(mask.shape)} but its image is "
-                             f"{tuple(image.shape[1:])}")
-        return image, mask
+        image = read_image(self.image_path(i))  # (3, H, W)
+        return image, self.check_size(i, self.load_mask(i), image.shape[1:])  # (H, W)
+
+    def drop_unreadable(self):
+        """Every mask decoded and checked, every image's header read (PIL) and its size compared with the mask's: wrong
+        data raises ValueError (FileNotFoundError), an undecodable file leaves the ids -> the errors of those."""
+        keep, failed = [], []
+        for i in tqdm(range(len(self)), desc="checking files", leave=False, disable=None):  # a bar on a terminal only
+            try:
+                mask = self.load_mask(i)  # (H, W)
+                with Image.open(self.image_path(i)) as im:
+                    self.check_size(i, mask, (im.height, im.width))
+                keep.append(self.ids[i])
+            except FileNotFoundError:
+                raise
+            except (OSError, RuntimeError) as e:  # PIL's UnidentifiedImageError is an OSError
+                failed.append(e)
+        self.ids = keep
+        return failed
 
 class VOCSegmentation(SegmentationFolder):
     """Pascal VOC 2012: 21 classes, 255 void (ignored); split train, val or trainaug (SegmentationClassAug masks). A
@@ -295,8 +320,7 @@ class VOCSegmentation(SegmentationFolder):
         image_dir = base / ("images" if flat else "JPEGImages")
         sets_file = base / ("sets" if flat else "ImageSets/Segmentation") / f"{split}.txt"
         mask_dir = base / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
-        _require("VOC image folder", image_dir, self.LAYOUT)
-        _require("VOC mask folder", mask_dir, self.LAYOUT)
+        _require("VOC", self.LAYOUT, image_dir, mask_dir)
         ids = read_id_list(sets_file, "VOC split file", f"the {split} id list of {self.LAYOUT}")
         names = base / "class_names.txt"
         names = [n.strip() for n in names.read_text().splitlines() if n.strip()] if names.is_file() else VOC_CLASSES
@@ -310,48 +334,75 @@ class ADE20k(SegmentationFolder):
         base = Path(root) if (Path(root) / "images").is_dir() else Path(root) / "ADEChallengeData2016"
         sub = {"train": "training", "val": "validation"}[split]
         image_dir, mask_dir = base / "images" / sub, base / "annotations" / sub
-        _require("ADE20k image folder", image_dir, self.LAYOUT)
-        _require("ADE20k annotation folder", mask_dir, self.LAYOUT)
+        _require("ADE20k", self.LAYOUT, image_dir, mask_dir)
         ids = sorted(p.stem for p in image_dir.glob("*.jpg"))
         if not ids:
             raise FileNotFoundError(f"no .jpg images in {image_dir}: expected {self.LAYOUT}")
         super().__init__(select_ids(ids, fraction, seed, ids_file), image_dir, mask_dir, ADE20K_CLASSES, ignore_index=0)
 
-def coco_supercategory_lut(kind):
-    """COCO-Stuff label-map value (category id - 1; 255 unlabeled) -> supercategory class, 255 (ignored) for the other
-    kind, for unlabeled pixels and for the 'other' stuff class, as in Leopart. A 256-entry table."""
+def coco_supercategory_lut(kind, offset=1):
+    """COCO mask value (category id - offset: 1 for the COCO-Stuff label maps, 0 for the reference evaluator's panoptic
+    and stuff pixel maps) -> supercategory class; 255 (ignored) for the other kind, unlabeled pixels and the 'other'
+    stuff class, as in Leopart. A 256-entry table."""
     table = {"things": COCO_THING_SUPERCATEGORIES, "stuff": COCO_STUFF_SUPERCATEGORIES}[kind]
     lut = torch.full((256,), 255, dtype=torch.long)
     for index, name in enumerate(sorted(table)):
-        lut[torch.tensor(table[name]) - 1] = index
+        lut[torch.tensor(table[name]) - offset] = index
     return lut
 
 class COCOStuffSeg(SegmentationFolder):
-    """COCO-Things (12 classes) or COCO-Stuff (15) from the COCO-Stuff label maps, 255 ignored; the ids are the label
-    maps present. Images in images/{train,val}2017 or {train,val}2017 directly under the COCO root."""
-    LAYOUT = "images/{train,val}2017/*.jpg and stuffthingmaps_trainval2017/{train,val}2017/*.png under the COCO root"
+    """COCO-Things (12 classes) or COCO-Stuff (15), 255 ignored; the ids are the masks present. Masks: the COCO-Stuff
+    label maps, or the reference evaluator's (things: panoptic category ids in annotations/{split}2017; stuff: the
+    stuff pixel maps). Images in images/{train,val}2017 or {train,val}2017 directly under the COCO root."""
+    LAYOUT = ("images/{train,val}2017/*.jpg and stuffthingmaps_trainval2017/{train,val}2017/*.png (or annotations/"
+              "{train,val}2017, annotations/stuff_annotations/stuff_{train,val}2017_pixelmaps) under the COCO root")
 
     def __init__(self, root, split="val", kind="things", fraction=1.0, seed=0, ids_file=None):
         root = Path(root)
         image_dir, mask_dir = root / "images" / f"{split}2017", root / "stuffthingmaps_trainval2017" / f"{split}2017"
+        theirs = root / "annotations" / (f"{split}2017" if kind == "things" else
+                                         f"stuff_annotations/stuff_{split}2017_pixelmaps")
+        offset = 0 if not mask_dir.is_dir() and theirs.is_dir() else 1
+        mask_dir = theirs if offset == 0 else mask_dir
         if not image_dir.is_dir() and (root / f"{split}2017").is_dir():
             image_dir = root / f"{split}2017"
-        _require("COCO image folder", image_dir, self.LAYOUT)
-        _require("COCO-Stuff label-map folder", mask_dir, self.LAYOUT)
+        _require("COCO", self.LAYOUT, image_dir, mask_dir)
         ids = sorted(p.stem for p in mask_dir.glob("*.png"))
         if not ids:
             raise FileNotFoundError(f"no label maps (.png) in {mask_dir}: expected {self.LAYOUT}")
         names = sorted(COCO_THING_SUPERCATEGORIES if kind == "things" else COCO_STUFF_SUPERCATEGORIES)
         super().__init__(select_ids(ids, fraction, seed, ids_file), image_dir, mask_dir, names, ignore_index=255,
-                         lut=coco_supercategory_lut(kind))
+                         lut=coco_supercategory_lut(kind, offset))
+
+# Cityscapes labelId -> trainId (the 19 evaluated classes); every other labelId is ignored (255)
+CITYSCAPES_CLASSES = {7: "road", 8: "sidewalk", 11: "building", 12: "wall", 13: "fence", 17: "pole",
+                      19: "traffic light", 20: "traffic sign", 21: "vegetation", 22: "terrain", 23: "sky", 24: "person",
+                      25: "rider", 26: "car", 27: "truck", 28: "bus", 31: "train", 32: "motorcycle", 33: "bicycle"}
+
+class Cityscapes(SegmentationFolder):
+    """Cityscapes fine annotations: 19 classes (trainIds from gtFine labelIds), 255 ignored. Ids are the base names
+    (aachen_000000_000019), whose first word is the city folder, as the reference evaluator's subset files name them."""
+    LAYOUT = "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and gtFine/{train,val}/<city>/*_gtFine_labelIds.png"
+    NAMES = ("{city}/{id}_leftImg8bit.png", "{city}/{id}_gtFine_labelIds.png")
+
+    def __init__(self, root, split="val", fraction=1.0, seed=0, ids_file=None):
+        image_dir, mask_dir = Path(root) / "leftImg8bit" / split, Path(root) / "gtFine" / split
+        _require("Cityscapes", self.LAYOUT, image_dir, mask_dir)
+        ids = sorted(p.name[:-len("_leftImg8bit.png")] for p in image_dir.glob("*/*_leftImg8bit.png"))
+        if not ids:
+            raise FileNotFoundError(f"no *_leftImg8bit.png images in {image_dir}/<city>: expected {self.LAYOUT}")
+        lut = torch.full((256,), 255, dtype=torch.long)
+        lut[list(CITYSCAPES_CLASSES)] = torch.arange(19)
+        super().__init__(select_ids(ids, fraction, seed, ids_file), image_dir, mask_dir,
+                         CITYSCAPES_CLASSES.values(), ignore_index=255, lut=lut)
 
 def make_segmentation_dataset(name, root, split, **kw):
-    """name: voc | ade20k | coco_things | coco_stuff; kw: fraction, seed, ids_file."""
+    """name: voc | ade20k | cityscapes | coco_things | coco_stuff; kw: fraction, seed, ids_file."""
     if name in ("coco_things", "coco_stuff"):
         return COCOStuffSeg(root, split, kind=name[5:], **kw)
-    if name not in ("voc", "ade20k"):
-        raise ValueError(f"unknown dataset '{name}': expected voc, ade20k, coco_things or coco_stuff")
-    return (VOCSegmentation if name == "voc" else ADE20k)(root, split, **kw)
+    if name not in ("voc", "ade20k", "cityscapes"):
+        raise ValueError(f"unknown dataset '{name}': expected voc, ade20k, cityscapes, coco_things or coco_stuff")
+    return {"voc": VOCSegmentation, "ade20k": ADE20k, "cityscapes": Cityscapes}[name](root, split, **kw)
 
 # -----------------------------------------------------------------------------
 # MultiCrop's photometric augmentation, batched on the training device: in the loader it costs about 100 ms per image
@@ -514,24 +565,30 @@ def render_scene(size, g):
     img = img + 4 * torch.randn(3, size, size, generator=g)  # sensor noise
     return img.round().clamp(0, 255).to(torch.uint8), _void_borders(labels)
 
+def claim_synthetic_folder(root, name, params, force=False):
+    """root/name for a synthetic set with these params, or None when a complete one is there (unless force): its marker
+    .synthetic, written first, holds them once complete. Other non-empty folders (real data) are refused."""
+    root = Path(root).expanduser()
+    folder, marker = root / name, root / name / ".synthetic"
+    if marker.is_file():
+        if not force and marker.read_text() == json.dumps(params):
+            return None
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        # FileNotFoundError: what train.py and evaluate.py report as one line
+        raise FileNotFoundError(f"{root} is not empty and holds no synthetic set (no {name}/.synthetic): synthetic "
+                                f"data is only written into a new or empty folder; pass another one")
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text("incomplete")  # ours from here on; complete once it holds the params
+    return folder
+
 def make_synthetic_voc(root="data/synthetic", n_images=200, image_size=160, seed=0, force=False):
     """Write a synthetic set in the VOC devkit layout under root/VOC2012 and return that folder: palette masks in
     SegmentationClass, the same labels 1-channel in SegmentationClassAug, 3/4 train = trainaug, 1/4 val; image i
-    depends on (seed, i) only. The marker VOC2012/.synthetic, written first, holds the arguments once the set is
-    complete: a complete set is kept unless they change or force. A folder that is neither new, nor empty, nor one of
-    these sets (a real dataset, say) is refused, never written into."""
-    root = Path(root).expanduser()
-    voc, marker = root / "VOC2012", root / "VOC2012" / ".synthetic"
-    params = json.dumps({"n_images": n_images, "image_size": image_size, "seed": seed, "version": 1})
-    if marker.is_file():
-        if not force and marker.read_text() == params:
-            return voc
-    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
-        # FileNotFoundError: what train.py and evaluate.py report as one line
-        raise FileNotFoundError(f"{root} is not empty and holds no synthetic set (no VOC2012/.synthetic): synthetic "
-                                f"data is only written into a new or empty folder; pass another one")
-    voc.mkdir(parents=True, exist_ok=True)
-    marker.write_text("incomplete")  # ours from here on; complete once it holds the arguments
+    depends on (seed, i) only. Kept unless the arguments change or force (see claim_synthetic_folder)."""
+    params = {"n_images": n_images, "image_size": image_size, "seed": seed, "version": 1}
+    voc = claim_synthetic_folder(root, "VOC2012", params, force)
+    if voc is None:
+        return Path(root).expanduser() / "VOC2012"
     images, masks, aug, sets = (voc / d for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
                                                   "ImageSets/Segmentation"))
     for d in (images, masks, aug, sets):
@@ -552,5 +609,92 @@ def make_synthetic_voc(root="data/synthetic", n_images=200, image_size=160, seed
     for split, split_ids in (("train", ids[:n_train]), ("trainaug", ids[:n_train]), ("val", ids[n_train:])):
         (sets / f"{split}.txt").write_text("".join(f"{x}\n" for x in split_ids))
     (voc / "class_names.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n")
-    marker.write_text(params)
+    (voc / ".synthetic").write_text(json.dumps(params))
     return voc
+
+# -----------------------------------------------------------------------------
+# SPair-71k keypoint pairs, and synthetic pairs in its layout made by known affine warps
+SPAIR_CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog",
+                    "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")
+SPAIR_LAYOUT = "JPEGImages/<category>/*.jpg, ImageAnnotation/<category>/*.json and PairAnnotation/<split>/*.json"
+
+SPAIR_BINS = ("0", "1", "2", "all")  # the pairs' viewpoint_variation, and every pair
+
+def spair_pairs(root, split="test", per_bin=None):
+    """{(category, bin): the pair annotations}, read sorted by name (a folder listing's order differs between systems).
+    per_bin: Probe3D's subset of every (category, bin): random.seed(20), shuffle, the first per_bin."""
+    folder = Path(root) / "PairAnnotation" / split
+    _require("SPair-71k pair", SPAIR_LAYOUT, folder)
+    pairs, chosen = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))], {}
+    if not pairs:
+        raise FileNotFoundError(f"no pair annotations (.json) in {folder}: expected {SPAIR_LAYOUT}")
+    for key in sorted({(p["category"], b) for p in pairs for b in ("all", str(p["viewpoint_variation"]))}):
+        chosen[key] = [p for p in pairs if p["category"] == key[0] and key[1] in ("all", str(p["viewpoint_variation"]))]
+        if per_bin:
+            random.Random(20).shuffle(chosen[key])  # the sequence of random.seed(20); random.shuffle
+    return {key: ps[:per_bin] for key, ps in chosen.items()}
+
+def spair_view(root, category, name, size):
+    """An image padded bottom/right to a square with white, resized to size (PIL bicubic, antialiased), and its
+    keypoints (K, 3) int64 (x, y, visible) from ImageAnnotation, truncated to whole pixels before and after scaling."""
+    with Image.open(Path(root) / "JPEGImages" / category / f"{name}.jpg") as im:
+        im, side = im.convert("RGB"), max(im.size)
+        square = Image.new("RGB", (side, side), (255, 255, 255))
+        square.paste(im)
+    kps = json.loads((Path(root) / "ImageAnnotation" / category / f"{name}.json").read_text())["kps"]
+    kps = torch.tensor([[int(xy[0]), int(xy[1]), 1] if xy else [0, 0, 0]
+                        for xy in (kps[str(k)] for k in range(len(kps)))])  # "0".."K-1": [x, y] or null
+    kps[:, :2] = (kps[:, :2] * size / side).long()
+    return TF.pil_to_tensor(square.resize((size, size), Image.BICUBIC)), kps  # (3, size, size), (K, 3)
+
+def affine_warp(img, A, b, out_hw, fill=128.0):
+    """img uint8 (3, H, W) warped onto an out_hw canvas: the continuous pixel point p lands on A p + b (float64)."""
+    (H, W), (h, w) = img.shape[1:], out_hw
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")  # target pixel centres
+    src = (torch.stack([xs, ys], -1).double() - b) @ torch.linalg.inv(A).T  # (h, w, 2) xy
+    grid = (src / torch.tensor([W, H]) * 2 - 1)[None].float()  # align_corners=False: -1, 1: the outer pixel edges
+    out = F.grid_sample(img[None].float() - fill, grid, mode="bilinear", align_corners=False)[0] + fill
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+def make_synthetic_spair(root="data/synthetic_spair", n_categories=2, n_pairs=6, image_size=160, n_kps=10, seed=0,
+                         force=False):
+    """SPair-71k's layout under root/SPair-71k (returned), test split: per category n_pairs pairs of a synthetic scene
+    and its affine warp onto a wider canvas (the rotation grows with the viewpoint bin, i % 3), the keypoints moved by
+    the same warp (null where they leave the frame); each pair JSON also holds its "warp" [A | b] (pixels)."""
+    params = {"n_categories": n_categories, "n_pairs": n_pairs, "image_size": image_size, "n_kps": n_kps, "seed": seed}
+    top = claim_synthetic_folder(root, "SPair-71k", params, force)
+    if top is None:
+        return Path(root).expanduser() / "SPair-71k"
+    S, names = image_size, []
+    for c, category in enumerate(SPAIR_CATEGORIES[:n_categories]):
+        for i in range(n_pairs):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + c * 1000 + i)
+            img, angle = render_scene(S, g)[0], math.radians((5 + 12 * (i % 3)) * _uniform(g, -1, 1))
+            A = _uniform(g, 0.8, 1.2) * torch.tensor([[math.cos(angle), -math.sin(angle)],
+                                                      [math.sin(angle), math.cos(angle)]], dtype=torch.float64)
+            # the scene centre lands near the canvas centre
+            b = torch.tensor([S * 5 / 8, S / 2], dtype=torch.float64) - A.sum(1) * S / 2 + _uniform(g, -S / 10, S / 10)
+            src_kps = (torch.rand(n_kps, 2, generator=g, dtype=torch.float64) * 0.7 + 0.15) * S  # (K, 2) xy
+            trg_kps = src_kps @ A.T + b
+            inside = ((trg_kps >= 0) & (trg_kps < torch.tensor([S * 5 / 4, S]))).all(1)
+            src, trg, pair = f"{i:04d}a", f"{i:04d}b", f"{len(names):06d}-{i:04d}a-{i:04d}b:{category}"
+            for name, im, kps, keep in ((src, img, src_kps, torch.ones_like(inside)),
+                                        (trg, affine_warp(img, A, b, (S, S * 5 // 4)), trg_kps, inside)):
+                kps = {str(k): [int(x), int(y)] if ok else None
+                       for k, ((x, y), ok) in enumerate(zip(kps.tolist(), keep))}
+                _write(top / "ImageAnnotation" / category / f"{name}.json", {"filename": f"{name}.jpg", "kps": kps})
+                _write(top / "JPEGImages" / category / f"{name}.jpg", bytes(encode_jpeg(im, quality=95).numpy()))
+            _write(top / "PairAnnotation" / "test" / f"{pair}.json", {
+                "filename": pair, "src_imname": f"{src}.jpg", "trg_imname": f"{trg}.jpg", "category": category,
+                "src_imsize": [S, S, 3], "trg_imsize": [S * 5 // 4, S, 3], "src_bndbox": [0, 0, S - 1, S - 1],
+                "trg_bndbox": trg_kps[inside].amin(0).int().tolist() + trg_kps[inside].amax(0).int().tolist(),
+                "kps_ids": inside.nonzero().flatten().tolist(), "viewpoint_variation": i % 3,
+                "warp": torch.cat([A, b[:, None]], 1).tolist()})
+            names.append(pair)
+    _write(top / "Layout" / "large" / "test.txt", "".join(f"{n}\n" for n in names).encode())
+    (top / ".synthetic").write_text(json.dumps(params))
+    return top
+
+def _write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())

@@ -1,15 +1,16 @@
 """
-Dense evaluation of a frozen backbone's final-norm patch tokens (our checkpoints, the official DINOv2 weights, the
-released NeCo weights): in-context (Hummingbird) retrieval, a linear probe and K-means clustering.
+Evaluation of a frozen backbone (our checkpoints, the official DINOv2 weights, the released NeCo weights): dense
+in-context (Hummingbird) retrieval, a linear probe and K-means on the final-norm patch tokens, and SPair-71k keypoint
+correspondence (the Probe3D protocol).
 
     python evaluate.py --ckpt runs/neco/last.pt --task voc_incontext [--teacher]   # a train.py run (its EMA teacher)
     python evaluate.py --ckpt neco_vits14_reg.pth --task ade_linear                # a bare state_dict file
-    python evaluate.py --ckpt hub:dinov2_vits14_reg --task voc_cluster             # the official DINOv2 weights
+    python evaluate.py --ckpt hub:dinov2_vits14_reg --task spair_correspondence    # the official DINOv2 weights
     python evaluate.py --ckpt runs/demo/last.pt --task voc_incontext --demo        # the offline demo, CPU
-    python evaluate.py ... --set eval.incontext.memory_size=102400 eval.incontext.fraction=0.125
+    python evaluate.py ... --set eval.incontext.memory_size=[102400,1024000] eval.incontext.fraction=0.125
 
-stdout holds one line, a JSON object (task, miou in percent, per_class_iou, settings, elapsed_s, ...), printed
-first and then appended to --out; notes, warnings and progress go to stderr. Settings: config.yaml, section eval.
+stdout holds the result, a JSON line (one per memory size of a sweep), printed first and then appended to --out;
+notes, warnings and progress go to stderr. Settings: config.yaml, section eval.
 """
 import argparse
 import functools
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import tv_tensors
 from torchvision.io import encode_png
 from torchvision.transforms import v2
@@ -39,7 +39,9 @@ from train import ConfigError, flatten_sets, load_config, parse_set, pick_device
 TASKS = {"voc_incontext": ("incontext", "voc"), "ade_incontext": ("incontext", "ade20k"),
          "voc_linear": ("linear", "voc"), "ade_linear": ("linear", "ade20k"),
          "coco_things_linear": ("linear", "coco_things"), "coco_stuff_linear": ("linear", "coco_stuff"),
-         "voc_cluster": ("cluster", "voc"), "coco_things_cluster": ("cluster", "coco_things")}
+         "voc_cluster": ("cluster", "voc"), "coco_things_cluster": ("cluster", "coco_things"),
+         "cityscapes_incontext": ("incontext", "cityscapes"), "coco_things_incontext": ("incontext", "coco_things"),
+         "coco_stuff_incontext": ("incontext", "coco_stuff"), "spair_correspondence": ("spair", "spair")}
 # the in-context presets: the reference Hummingbird evaluator (the published numbers) and DIP's variant of it
 PROTOCOLS = {"hbird": {"temperature": 0.02, "normalize": True, "score": "hbird"},
              "dip": {"temperature": 0.07, "normalize": False, "score": "dip"}}
@@ -50,36 +52,49 @@ class UserError(Exception):
 # -----------------------------------------------------------------------------
 # in-context segmentation: a memory of labelled train patches, exact k-NN search, soft label transfer, scoring
 def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, precision, n_vis=0):
-    """Each val patch takes the labels of its k nearest memory patches; one confusion matrix, scored every way.
-    -> (per-class IoU, mIoU, picture rows (image, gt, pred), extra result keys), as every evaluate_<family>."""
+    """Val patches take the labels of their k nearest memory patches; scored every way from one confusion matrix. A
+    sweep (a list of memory sizes) builds the largest memory: each smaller one is a prefix of every image's patches.
+    -> [(per-class IoU, mIoU, picture rows (image, gt, pred), extra result keys)], one per size."""
     torch.manual_seed(s["seed"])  # the memory augmentation draws from the global generator
     C, size, p, protocol = val_set.num_classes, s["image_size"], backbone.patch_size, PROTOCOLS[s["protocol"]]
-    keys, labels = build_memory(backbone, train_set, C, val_set.ignore_index, size, s["memory_size"], s["aug_epochs"],
+    sizes = s["memory_size"] if isinstance(s["memory_size"], list) else [s["memory_size"]]
+    largest = None if sizes == [None] else max(sizes)
+    keys, labels = build_memory(backbone, train_set, C, val_set.ignore_index, size, largest, s["aug_epochs"],
                                 s["batch_size"], s["seed"], device, num_workers, precision, protocol["normalize"])
-    half_sq = None if protocol["normalize"] else torch.cat([kc.float().pow(2).sum(1) / 2 for kc in keys.split(1 << 20)])
-    print(f"memory: {len(keys):,} patches x {keys.shape[1]} ({keys.dtype}), {len(train_set)} images", file=sys.stderr)
-    temperature, conf, vis = s["temperature"] or protocol["temperature"], torch.zeros(C, C, dtype=torch.long), []
+    n = [memory_per_image(m, len(train_set), s["aug_epochs"], (size // p) ** 2) for m in sizes]
+    memories = [[x.unflatten(0, (-1, max(n)))[:, :n_m].flatten(0, 1) for x in (keys, labels)] for n_m in n]  # prefixes
+    for mem in memories:  # + DIP's |k|^2 / 2, in chunks (a float32 copy of 10M fp16 keys is 15 GB)
+        mem.append(None if protocol["normalize"] else
+                   torch.cat([c.float().pow(2).sum(1) / 2 for c in mem[0].split(1 << 20)]))
+        print(f"memory: {len(mem[0]):,} patches x {keys.shape[1]} ({keys.dtype})", file=sys.stderr)
+    temperature, vis, confs = s["temperature"] or protocol["temperature"], [], torch.zeros(len(sizes), C, C).long()
     for images, masks in batches(val_set, v2.Resize((size, size)), s["batch_size"], num_workers, "query"):
         feats = patch_features(backbone, images.to(device), precision)  # (B, h, w, D)
         B, h, w, D = feats.shape
-        probs = knn_transfer(feats.reshape(-1, D), keys, labels, s["k"], temperature, half_sq) / (p * p)  # (B*h*w, C)
-        pred = bilinear(probs.reshape(B, h, w, C).permute(0, 3, 1, 2), size).argmax(1).cpu()  # (B, S, S)
-        conf += confusion_matrix(pred, masks, C, 255)  # only void dropped: every scoring starts from this
-        vis += list(zip(images, masks, pred))[:n_vis - len(vis)]
-    scores = incontext_scores(conf, val_set.ignore_index)
-    return *scores[protocol["score"]], vis, {"protocol": s["protocol"], "temperature": temperature,
-                                            "memory_patches": len(keys),
-                                            "miou_variants": {name: 100 * m for name, (_, m) in scores.items()}}
+        for i, (keys_m, labels_m, half_sq) in enumerate(memories):
+            probs = knn_transfer(feats.reshape(-1, D), keys_m, labels_m, s["k"], temperature, half_sq)  # (B*h*w, C)
+            pred = bilinear(probs.reshape(B, h, w, C).permute(0, 3, 1, 2), size).argmax(1).cpu()  # (B, S, S)
+            confs[i] += confusion_matrix(pred, masks, C, 255)  # only void dropped: every scoring starts from this
+            vis += list(zip(images, masks, pred))[:n_vis - len(vis)] if i == 0 else []  # the first size's
+    scores = [incontext_scores(conf, val_set.ignore_index) for conf in confs]
+    return [(*sc[protocol["score"]], vis, {"protocol": s["protocol"], "temperature": temperature, "memory_size": m,
+                                          "memory_patches": len(mem[0]),
+                                          "miou_variants": {name: 100 * v for name, (_, v) in sc.items()}})
+            for m, mem, sc in zip(sizes, memories, scores)]
+
+def memory_per_image(memory_size, n_images, aug_epochs, n_patches):
+    """Patches kept per image and pass: a memory_size budget (None: all) spread evenly, capped at an image's patches
+    (the reference does not cap it, and fails on small subsets)."""
+    return n_patches if memory_size is None else max(1, min(n_patches, memory_size // (n_images * max(aug_epochs, 1))))
 
 @torch.no_grad()
 def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memory_size=None, aug_epochs=0,
                  batch_size=8, seed=0, device="cpu", num_workers=0, precision="fp32", normalize=True):
     """Keys (M, D), L2-normalised unless normalize is False, fp16 on GPU, and labels (M, C), pixel counts per patch.
-    A memory_size budget (None: every patch) is spread evenly over images x passes, capped at an image's patches (the
-    reference does not cap it, and fails on small subsets), and filled by the rare-class sampler."""
+    A memory_size budget (None: every patch) is filled by the rare-class sampler, each image's patches rarest first."""
     p, passes = backbone.patch_size, max(aug_epochs, 1)  # aug_epochs 0: one plain pass
     n_patches = (image_size // p) ** 2
-    per_image = n_patches if memory_size is None else max(1, min(n_patches, memory_size // (len(dataset) * passes)))
+    per_image = memory_per_image(memory_size, len(dataset), aug_epochs, n_patches)
     total, generator = per_image * len(dataset) * passes, torch.Generator().manual_seed(seed)
     key_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     keys = torch.empty(total, backbone.embed_dim, dtype=key_dtype, device=device)  # filled in place: no cat peak
@@ -95,7 +110,7 @@ def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memor
             feats = patch_features(backbone, images.to(device), precision).flatten(1, 2)  # (B, N, D)
             feats = F.normalize(feats, dim=-1) if normalize else feats
             counts = patch_label_histograms(masks.to(device), num_classes, p, ignore_index)  # (B, N, C)
-            if per_image < n_patches:
+            if memory_size is not None:
                 keep = rare_class_sample(counts, per_image, generator)[..., None]  # (B, n, 1)
                 feats, counts = (x.gather(1, keep.expand(-1, -1, x.shape[-1])) for x in (feats, counts))
             n = feats.shape[0] * feats.shape[1]
@@ -119,7 +134,7 @@ def rare_class_sample(counts, n_keep, generator=None):
     present = (counts > 0).to(torch.float32)  # (B, N, C)
     noise = torch.rand(present.shape[:2], generator=generator).to(counts.device)  # (B, N), CPU draw: same everywhere
     score = (present * present.sum(1, keepdim=True)).sum(2) * noise  # (B, N)
-    return score.topk(min(n_keep, counts.shape[1]), dim=1, largest=False).indices
+    return score.topk(min(n_keep, counts.shape[1]), dim=1, largest=False).indices  # sorted: the rarest first
 
 def knn_transfer(queries, keys, labels, k, temperature, key_half_sq_norms=None):
     """(Q, C): the labels of the k nearest keys weighted by softmax(cosine / temperature). Nearest by cosine (normalised
@@ -156,8 +171,7 @@ def topk_inner_product(queries, keys, k, key_bias=None, query_chunk=4096, key_ch
 
 def incontext_scores(conf, ignore_index):
     """{variant: (per-class IoU, mIoU)} of the in-context confusion (only 255 dropped). hbird: the reference's (the
-    published numbers); hungarian_nanmean: its mean over the classes present; plain: no matching, mean over the
-    classes present; dip: DIP's, plain with ADE20k's ignored class 0 scored as a class."""
+    published numbers); hungarian_nanmean: over the classes present; plain: neither; dip: plain, ADE20k's 0 scored."""
     return {"hbird": score(conf, ignore_index, match=True),
             "hungarian_nanmean": score(conf, ignore_index, match=True, over_all=False),
             "plain": score(conf, ignore_index, over_all=False), "dip": score(conf, over_all=False)}
@@ -195,10 +209,10 @@ def evaluate_linear(backbone, train_set, val_set, s, device, num_workers, precis
     best = max(range(len(mious)), key=mious.__getitem__)
     full = score(linear_confusion(head, val_batches(val_masks), C, ignore, device), ignore)[1]
     vis = [(*pair, p) for pair, p in zip(shown, linear_maps(head, val_feats[:n_vis].to(device).float(), size))]
-    return score(history[best], ignore)[0], mious[best], vis, {
+    return [(score(history[best], ignore)[0], mious[best], vis, {
         "mode": "augmented (features per epoch)" if s["train_aug"] else "cached features (no augmentation)",
         "miou_last": 100 * mious[-1], "miou_last_full_res": 100 * full, "best_epoch": best + 1,
-        "scored_at": f"{out}x{out}"}
+        "scored_at": f"{out}x{out}"})]
 
 class LinearHead(nn.Conv2d):
     """Tokens (B, h, w, D) -> logits (B, C, out, out): a 1x1 conv, then bilinear upsampling (as upsample-then-conv:
@@ -275,7 +289,7 @@ def evaluate_cluster(backbone, val_set, s, device, num_workers, precision, n_vis
         headline = headline or (torch.stack(ious).nanmean(0), m.mean().item())  # the first K, averaged over seeds
         by_k[str(K)] = {"miou": 100 * m.mean().item(), "miou_std": 100 * m.std(unbiased=False).item(),
                         "matching": "hungarian" if K == C else "many-to-one", "seeds": len(mious)}
-    return *headline, vis, {"by_k": by_k}
+    return [(*headline, vis, {"by_k": by_k})]
 
 def standardize_pca(x, dim=50):
     """(n, D) -> (n, min(dim, D)): zero mean and unit variance per feature (population std, as the reference's
@@ -329,6 +343,61 @@ def nearest_centroid(x, centroids, chunk=65536):
     return torch.cat([i for i, _ in out]), torch.cat([d for _, d in out])
 
 # -----------------------------------------------------------------------------
+# SPair-71k semantic correspondence, the Probe3D protocol: a source keypoint's descriptor finds its best target patch
+def evaluate_spair(backbone, root, s, device, precision):
+    """Recall of the transferred keypoints per threshold and viewpoint bin (pooled over a (category, bin)'s keypoints,
+    then the plain mean over categories), per category, with the pair and keypoint counts behind every number."""
+    chosen, size = data.spair_pairs(root, s["split"], s["pairs_per_bin"]), s["image_size"]
+    errors = {}  # pair name -> (n,) errors of its keypoints visible in both images
+    for category in sorted({c for c, _ in chosen}):
+        views = {}  # image name -> (L2-normalised patch tokens (h, w, D), keypoints (K, 3)): each image once
+        pairs = {p["filename"]: p for (c, _), ps in chosen.items() if c == category for p in ps}
+        for name, pair in tqdm(sorted(pairs.items()), desc=category, leave=False):
+            src, trg = name.split(":")[0].split("-")[1:]  # <id>-<source>-<target>:<category>
+            try:
+                for v in (src, trg):
+                    if v not in views:
+                        image, kps = data.spair_view(root, category, v, size)
+                        feats = patch_features(backbone, image[None].to(device), precision,
+                                               s["tokens"] == "last_block", pad=True)[0]
+                        views[v] = F.normalize(feats, dim=-1), kps
+            except (OSError, RuntimeError, ValueError) as e:
+                skip_unreadable(e)
+                continue
+            (x1, y1, x2, y2), side = pair["trg_bndbox"], max(pair["trg_imsize"][:2])
+            errors[name] = keypoint_errors(*views[src], *views[trg], size, max(x2 - x1, y2 - y1) / side,
+                                           s["cell"] == "centre")
+    return spair_recalls({key: [errors[p["filename"]] for p in ps if p["filename"] in errors]
+                          for key, ps in chosen.items()}, s["thresholds"])
+
+def keypoint_errors(feats_s, kps_s, feats_t, kps_t, size, box_scale, centre=False):
+    """Tokens (h, w, D), keypoints (K, 3) (x, y, visible; size x size pixels) of the source and target -> (n,) errors
+    of the keypoints visible in both: the source descriptor (bilinear, align_corners) picks the target cell of largest
+    dot product (its top-left corner, or centre); the distance to the truth over box_scale, in image sides."""
+    both = (kps_s[:, 2] == 1) & (kps_t[:, 2] == 1)
+    xy_s, xy_t = kps_s[both, :2].float() / size, kps_t[both, :2].float() / size  # (n, 2) in [0, 1]
+    h, w, D = feats_t.shape
+    grid = (2 * xy_s - 1).to(feats_s.device)[None, None]  # (1, 1, n, 2)
+    desc = F.grid_sample(feats_s.permute(2, 0, 1)[None], grid, mode="bilinear", align_corners=True)[0, :, 0].T
+    best = (desc @ feats_t.reshape(-1, D).T).argmax(1).cpu()  # (n,) row-major cells
+    pred = (torch.stack([best % w, best // w], 1).float() + (0.5 if centre else 0.0)) / w  # (n, 2)
+    return (pred - xy_t).norm(dim=1) / box_scale
+
+def spair_recalls(errors, thresholds):
+    """{(category, bin): [(n,) errors per pair]} -> recall (%) per threshold and bin (the mean over the categories with
+    keypoints), per category, and the pair and keypoint counts. A keypoint is correct if its error < threshold."""
+    pooled = {key: torch.cat(e) if e else torch.empty(0) for key, e in errors.items()}
+    result = {"recall": {}, "per_category": {}, **{n: {b: {} for b in data.SPAIR_BINS} for n in ("pairs", "keypoints")}}
+    for (c, b), e in pooled.items():
+        result["pairs"][b][c], result["keypoints"][b][c] = len(errors[c, b]), len(e)
+    for t in thresholds:
+        per = {b: {c: 100 * (e < t).double().mean().item() for (c, bb), e in pooled.items() if bb == b and len(e)}
+               for b in data.SPAIR_BINS}
+        result["per_category"][str(t)] = per
+        result["recall"][str(t)] = {b: sum(v.values()) / len(v) if v else None for b, v in per.items()}
+    return result
+
+# -----------------------------------------------------------------------------
 # shared machinery: loaders, features, resizing, mIoU from one confusion matrix, matching
 def batches(dataset, transform, batch_size, num_workers, desc=None, shuffle=False):
     """(images uint8 (B, 3, S, S), masks (B, S, S)). An undecodable file is skipped, named once and counted; wrong
@@ -366,12 +435,16 @@ def skip_unreadable(e):
         UNREADABLE.add(str(e))
 
 @torch.no_grad()
-def patch_features(backbone, images, precision="fp32"):
-    """uint8 images (B, 3, H, W) -> final-norm patch tokens (B, h, w, D), float32, not yet L2-normalised."""
-    x = v2.functional.normalize(images.float() / 255, data.IMAGENET_MEAN, data.IMAGENET_STD)
+def patch_features(backbone, images, precision="fp32", last_block=False, pad=False):
+    """uint8 images (B, 3, H, W) -> final-norm patch tokens (B, h, w, D), float32, not yet L2-normalised; last_block:
+    the last block's tokens before the final norm; pad: zeros after normalising, centred, to a multiple of the patch."""
+    x, p = v2.functional.normalize(images.float() / 255, data.IMAGENET_MEAN, data.IMAGENET_STD), backbone.patch_size
+    if pad:
+        (dh, dw) = (-x.shape[2] % p, -x.shape[3] % p)
+        x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and x.is_cuda):
-        tokens = backbone.forward_features(x)["x_norm_patchtokens"]  # (B, N, D)
-    p = backbone.patch_size
+        tokens = (backbone.get_intermediate_layers(x, n=1, norm=False)[0] if last_block
+                  else backbone.forward_features(x)["x_norm_patchtokens"])  # (B, N, D)
     return tokens.float().reshape(len(x), x.shape[2] // p, x.shape[3] // p, -1)  # (B, h, w, D)
 
 def all_features(backbone, batches, device, precision, mask_size=None, cache_on_cpu=True, n_vis=0):
@@ -422,8 +495,6 @@ def hungarian(cost):
     augmenting paths with potentials, O(n^2 m) (scipy is not a dependency)."""
     c = cost.double().cpu().numpy()
     n, m = c.shape
-    if n > m:
-        raise ValueError(f"hungarian needs rows <= columns, got a {n}x{m} cost matrix")
     u, v = np.zeros(n + 1), np.zeros(m + 1)  # potentials; index 0 is a virtual row / column
     owner = np.zeros(m + 1, dtype=np.int64)  # owner[j]: the row (1-based) holding column j, 0 when free
     for row in range(1, n + 1):
@@ -498,17 +569,26 @@ def eval_config(config_path, sets, demo):
     return cfg["eval"]
 
 def make_datasets(family, dataset, ev, s, data_root, demo):
-    """-> (data root, train set or None, val set). The demo's synthetic scenes (VOC layout) stand in for every set."""
+    """-> (data root, train set or None, val set); SPair-71k: (its root, None, None). The demo's synthetic scenes (VOC
+    layout) stand in for every segmentation set, synthetic warped pairs for SPair-71k."""
+    key = dataset.split("_")[0]  # eval.roots.<key>
     if demo:
-        root, name = data.make_synthetic_voc(data_root or "data/synthetic"), "voc"
+        root = (data.make_synthetic_spair(data_root or "data/synthetic_spair") if family == "spair" else
+                data.make_synthetic_voc(data_root or "data/synthetic"))
     else:
-        key = dataset.split("_")[0]  # eval.roots.<key>
-        root, name = Path(data_root or ev["roots"][key]).expanduser(), dataset
+        root = Path(data_root or ev["roots"][key]).expanduser()
         if not root.exists():
             raise UserError(f"data root {root} not found: pass --data-root or set eval.roots.{key} (see README for "
                             f"the expected layout)")
+    if family == "spair":  # the SPair-71k folder or its parent
+        return (root / "SPair-71k" if (root / "SPair-71k").is_dir() else root), None, None
+    name = "voc" if demo else dataset
     try:
         val_set = data.make_segmentation_dataset(name, root, "val")
+        for e in val_set.drop_unreadable():  # before anything heavy: wrong val data stops here
+            skip_unreadable(e)
+        if not val_set.ids:
+            raise UserError(f"no readable val image in {val_set.image_dir}")
         if family == "cluster":
             return root, None, val_set
         split = ev["voc_train_split"] if name == "voc" and not demo else "train"
@@ -529,27 +609,6 @@ def check_writable(path, what, flag):
     if not os.access(target, os.W_OK):
         raise UserError(f"{what} {path} ({flag}): {target} is not writable; pass another path")
 
-def check_val_set(val_set):
-    """Before anything heavy runs: every val mask decoded and checked, every val image's header read (PIL) and its
-    size compared with the mask's. Wrong data stops here; an undecodable file is dropped and counted."""
-    keep = []
-    for i in tqdm(range(len(val_set)), desc="checking val files", leave=False, disable=None):  # bar on a terminal only
-        try:
-            mask = val_set.load_mask(i)  # (H, W)
-            with Image.open(val_set.image_path(i)) as im:
-                size = (im.height, im.width)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(f"val set: {e}") from None
-        except (OSError, RuntimeError) as e:  # PIL's UnidentifiedImageError is an OSError
-            skip_unreadable(e)
-            continue
-        if tuple(mask.shape) != size:
-            raise UserError(f"val set: mask {val_set.mask_path(i)} is {tuple(mask.shape)} but its image is {size}")
-        keep.append(val_set.ids[i])
-    if not keep:
-        raise UserError(f"no readable val image in {val_set.image_dir}")
-    val_set.ids = keep
-
 def run(args):
     t0 = time.time()
     if args.task not in TASKS:
@@ -564,6 +623,8 @@ def run(args):
     if not hub and not Path(args.ckpt).expanduser().is_file():
         raise UserError(f"checkpoint {args.ckpt} not found (a train.py last.pt, a state_dict file or hub:<name>)")
     out = Path(args.out or ("results.jsonl" if hub else Path(args.ckpt).parent / "results.jsonl")).expanduser()
+    if args.save_vis and family == "spair":
+        raise UserError("--save-vis draws segmentation pictures; spair_correspondence has none: leave it out")
     vis_path = Path(args.save_vis).expanduser() / f"{args.task}.png" if args.save_vis else None
     check_writable(out, "results file", "--out")
     if vis_path and ev["vis_images"] < 1:
@@ -572,29 +633,33 @@ def run(args):
         check_writable(vis_path, "picture", "--save-vis")
     UNREADABLE.clear()
     root, train_set, val_set = make_datasets(family, dataset, ev, s, args.data_root, args.demo)
-    check_val_set(val_set)
     backbone, about = load_backbone(args.ckpt, args.teacher)
-    s["image_size"] = model.round_to_patch(s["image_size"], backbone.patch_size)  # 504 (36x36 at /14) -> 512 at /16
-    points = len(val_set) * (s["image_size"] // backbone.patch_size) ** 2
+    if family != "spair":  # (SPair pads its images to whole patches instead)
+        s["image_size"] = model.round_to_patch(s["image_size"], backbone.patch_size)  # 504 (36x36 at /14) -> 512 at /16
+    points = len(val_set or ()) * (s["image_size"] // backbone.patch_size) ** 2
     if family == "cluster" and max(K or val_set.num_classes for K in s["ks"]) > points:  # K-means needs K points
         raise ConfigError(f"config key 'eval.cluster.ks' asks for more clusters than the {points} val patch tokens "
                           f"({len(val_set)} images), got {s['ks']}")
     backbone.set_pos_embed_rule(s["pos_embed_rule"])  # per family: the resizing its reference evaluator ran with
     device = pick_device(ev["device"], "eval.device")
-    print(f"{args.task}: {about['arch']} on {device}, {len(val_set)} val images"
-          + (f", {len(train_set)} train images" if train_set is not None else ""), file=sys.stderr)
-    sets = (val_set,) if train_set is None else (train_set, val_set)
-    evaluator = {"incontext": evaluate_incontext, "linear": evaluate_linear, "cluster": evaluate_cluster}[family]
-    iou, miou, vis, extra = evaluator(backbone.to(device), *sets, s, device, ev["num_workers"], ev["precision"],
-                                      ev["vis_images"] if vis_path else 0)
-    result = {"task": args.task, "miou": 100 * miou, "per_class_iou": {
-        c: None if math.isnan(v) else round(100 * v, 4) for c, v in zip(val_set.class_names, iou.tolist())}, **extra,
-        "pos_embed_rule": s["pos_embed_rule"], "settings": s, "precision": ev["precision"], "ckpt": args.ckpt,
-        **about, "data_root": str(root), "demo": args.demo, "n_val": len(val_set),
-        "n_train": None if train_set is None else len(train_set), "n_unreadable": len(UNREADABLE),
-        "device": str(device), "elapsed_s": round(time.time() - t0, 2), **({"vis": str(vis_path)} if vis_path else {})}
-    line = json.dumps(result)
-    print(line, flush=True)  # first: a save that fails after all checks must not lose the result
+    print(f"{args.task}: {about['arch']} on {device}", file=sys.stderr)
+    if family == "spair":
+        results, vis = [evaluate_spair(backbone.to(device), root, s, device, ev["precision"])], None
+    else:
+        sets = (val_set,) if train_set is None else (train_set, val_set)
+        evaluator = {"incontext": evaluate_incontext, "linear": evaluate_linear, "cluster": evaluate_cluster}[family]
+        results = evaluator(backbone.to(device), *sets, s, device, ev["num_workers"], ev["precision"],
+                            ev["vis_images"] if vis_path else 0)
+        vis = results[0][2]
+        results = [{"miou": 100 * miou, "per_class_iou": {c: None if math.isnan(v) else round(100 * v, 4) for c, v in
+                    zip(val_set.class_names, iou.tolist())}, **extra, "n_val": len(val_set),
+                    "n_train": None if train_set is None else len(train_set)} for iou, miou, _, extra in results]
+    lines = [json.dumps({"task": args.task, **r, "pos_embed_rule": s["pos_embed_rule"], "settings": s,
+                         "precision": ev["precision"], "ckpt": args.ckpt, **about, "data_root": str(root),
+                         "demo": args.demo, "n_unreadable": len(UNREADABLE), "device": str(device),
+                         "elapsed_s": round(time.time() - t0, 2), **({"vis": str(vis_path)} if vis_path else {})})
+             for r in results]
+    print("\n".join(lines), flush=True)  # first: a save that fails after all checks must not lose the result
     failed = []
     try:
         if vis_path:
@@ -604,15 +669,15 @@ def run(args):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a") as f:
-            f.write(line + "\n")
+            f.write("".join(line + "\n" for line in lines))
     except OSError as e:
         failed.append(f"results file {out} ({e})")
     if failed:
         raise UserError(f"could not save the {' nor the '.join(failed)}; the result line is on stdout")
-    return result
+    return [json.loads(line) for line in lines]
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Dense evaluation (in-context, linear, K-means) of a backbone checkpoint")
+    p = argparse.ArgumentParser(description="Evaluation (in-context, linear, K-means, SPair-71k) of a backbone")
     p.add_argument("--ckpt", required=True, help="train.py checkpoint, state_dict file, or hub:<name> (model.RELEASED)")
     p.add_argument("--task", required=True, help=", ".join(TASKS))
     p.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher of a train.py checkpoint")

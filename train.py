@@ -818,9 +818,11 @@ CONFIG_RULES = {
     # evaluate.py
     "eval.device": DEVICE, "eval.precision": one_of("fp32", "bf16"),
     "eval.num_workers": COUNT, "eval.vis_images": COUNT, "eval.voc_train_split": one_of("trainaug", "train"),
-    "eval.roots.voc": TEXT, "eval.roots.ade20k": TEXT, "eval.roots.coco": TEXT,
+    "eval.roots.voc": TEXT, "eval.roots.ade20k": TEXT, "eval.roots.coco": TEXT, "eval.roots.cityscapes": TEXT,
+    "eval.roots.spair": TEXT,
     "eval.incontext.protocol": one_of("hbird", "dip"), "eval.incontext.image_size": PATCHES,
-    "eval.incontext.memory_size": rule(*POSITIVE_INT, optional=True), "eval.incontext.aug_epochs": COUNT,
+    "eval.incontext.memory_size": rule("an integer >= 1 or a list of them (a sweep)", lambda v: POSITIVE_INT[1](v) or (
+        isinstance(v, list) and len(v) > 0 and all(map(POSITIVE_INT[1], v))), optional=True), "eval.incontext.aug_epochs": COUNT,
     "eval.incontext.k": POSITIVE_INT, "eval.incontext.temperature": rule(*POSITIVE, optional=True),
     "eval.incontext.fraction": SHARE, "eval.incontext.subset_file": rule(*TEXT, optional=True),
     "eval.incontext.seed": COUNT, "eval.incontext.batch_size": POSITIVE_INT, "eval.incontext.pos_embed_rule": POS_EMBED,
@@ -835,6 +837,11 @@ CONFIG_RULES = {
     "eval.cluster.pca_dim": POSITIVE_INT, "eval.cluster.seeds": POSITIVE_INT, "eval.cluster.iters": COUNT,
     "eval.cluster.redo": POSITIVE_INT, "eval.cluster.max_points_per_centroid": POSITIVE_INT,
     "eval.cluster.batch_size": POSITIVE_INT, "eval.cluster.pos_embed_rule": POS_EMBED,
+    "eval.spair.split": one_of("test", "val", "trn"), "eval.spair.image_size": POSITIVE_INT,
+    "eval.spair.tokens": one_of("last_block", "final_norm"), "eval.spair.cell": one_of("corner", "centre"),
+    "eval.spair.pairs_per_bin": rule(*POSITIVE_INT, optional=True), "eval.spair.pos_embed_rule": POS_EMBED,
+    "eval.spair.thresholds": rule("a list of numbers > 0", lambda v: isinstance(v, list) and len(v) > 0
+                                  and all(map(POSITIVE[1], v))),
 }
 
 def get_key(cfg, dotted):

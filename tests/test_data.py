@@ -515,6 +515,47 @@ def test_coco_things_and_stuff_mapping(tmp_path):
         data.COCOStuffSeg(tmp_path / "nococo", "val")
 
 
+def test_coco_reference_evaluator_layouts(tmp_path):
+    # panoptic category ids: person 1, bicycle 2, bottle 44, banner 92 (stuff), unlabeled 0, wall-other-merged 199
+    things_raw = np.array([[1, 2, 44, 92, 0, 199]], dtype=np.uint8)
+    # stuff pixel maps: things 0, banner 92, window-other 181, sky-other 157, other 183
+    stuff_raw = np.array([[0, 92, 181, 157, 183, 0]], dtype=np.uint8)
+    write_jpg(tmp_path / "images" / "val2017" / "000000000139.jpg", 1, 6)
+    write_grey_png(tmp_path / "annotations" / "val2017" / "000000000139.png", things_raw)
+    write_grey_png(tmp_path / "annotations" / "stuff_annotations" / "stuff_val2017_pixelmaps" / "000000000139.png",
+                   stuff_raw)
+    things = data.make_segmentation_dataset("coco_things", tmp_path, "val")
+    assert things[0][1].tolist() == [[9, 11, 7, 255, 255, 255]]  # person, vehicle, kitchen; stuff and 0 ignored
+    stuff = data.make_segmentation_dataset("coco_stuff", tmp_path, "val")
+    assert stuff[0][1].tolist() == [[255, 11, 14, 8, 255, 255]]  # textile, window, sky; things and other ignored
+
+
+def write_cityscapes(root, split, city, n, raw, seed=0):
+    for i in range(n):
+        base = f"{city}_{i:06d}_000019"
+        # JPEG bytes under the .png name: decoded by content, and not a lossless image the test could compare
+        write_jpg(root / "leftImg8bit" / split / city / f"{base}_leftImg8bit.png", *raw.shape, seed=seed + i)
+        write_grey_png(root / "gtFine" / split / city / f"{base}_gtFine_labelIds.png", raw)
+
+
+def test_cityscapes_layout_and_train_ids(tmp_path):
+    # labelIds: unlabeled 0, road 7, sidewalk 8, parking 9 (not evaluated), sky 23, car 26, bicycle 33, license plate
+    raw = np.array([[0, 7, 8, 9, 23, 26, 33, 255]], dtype=np.uint8)
+    write_cityscapes(tmp_path, "val", "lindau", 2, raw)
+    write_cityscapes(tmp_path, "val", "frankfurt", 1, raw)
+    val = data.make_segmentation_dataset("cityscapes", tmp_path, "val")
+    assert val.num_classes == 19 and val.ignore_index == 255 and len(val) == 3
+    assert val.class_names[:2] == ["road", "sidewalk"] and val.class_names[18] == "bicycle"
+    assert val.ids[0] == "frankfurt_000000_000019" and val.ids[1] == "lindau_000000_000019"
+    image, mask = val[1]
+    assert image.shape == (3, 1, 8) and mask.tolist() == [[255, 0, 1, 255, 10, 13, 18, 255]]
+    (tmp_path / "ids.txt").write_text("lindau_000001_000019\n")
+    assert data.make_segmentation_dataset("cityscapes", tmp_path, "val", ids_file=tmp_path / "ids.txt").ids == [
+        "lindau_000001_000019"]
+    with pytest.raises(FileNotFoundError, match="leftImg8bit"):
+        data.make_segmentation_dataset("cityscapes", tmp_path, "train")
+
+
 def test_fraction_sampling_sizes_determinism_and_ids_file(tmp_path):
     ids = [f"{i:04d}" for i in range(10)]
     make_voc_tree(tmp_path / "VOC2012", {"trainaug": ids})

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -293,6 +294,21 @@ def test_memory_size_and_labels(ckpt, memory_size, aug_epochs, expected):
     assert (labels.long().sum(1) == 14 * 14).all()
 
 
+def test_a_smaller_budget_keeps_the_first_patches_of_each_image(ckpt):
+    g = torch.Generator().manual_seed(1)
+    items = [(torch.randint(0, 256, (3, 56, 56), dtype=torch.uint8, generator=g),
+              torch.randint(0, 3, (56, 56), generator=g)) for _ in range(3)]
+    memories = {}
+    for size in (12, 30, 96):  # 2 passes x 3 images: 2, 5 and (capped) 16 patches per image and pass
+        torch.manual_seed(0)
+        memories[size] = evaluate.build_memory(ckpt[1], ListDataset(items, 3), 3, 255, image_size=56,
+                                               memory_size=size, aug_epochs=2, batch_size=2)
+    big_keys, big_labels = (x.unflatten(0, (6, 16)) for x in memories[96])
+    for size, n in ((12, 2), (30, 5)):
+        torch.testing.assert_close(memories[size][0], big_keys[:, :n].flatten(0, 1), rtol=0, atol=0)
+        assert torch.equal(memories[size][1], big_labels[:, :n].flatten(0, 1))
+
+
 # -----------------------------------------------------------------------------
 # linear probe, PCA, K-means
 
@@ -469,6 +485,19 @@ def ade_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cityscapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cityscapes")
+    g = torch.Generator().manual_seed(3)
+    for split, n in (("train", 4), ("val", 2)):
+        for i in range(n):  # labelIds: unlabeled 0, road 7, sidewalk 8, sky 23, car 26
+            image, labels = blocky_scene(g, [0, 7, 8, 23, 26])
+            name = f"{split}/ulm/ulm_{i:06d}_000019"
+            write_png_file(root / "gtFine" / f"{name}_gtFine_labelIds.png", labels)
+            write_jpg_file(root / "leftImg8bit" / f"{name}_leftImg8bit.png", image)  # decoded by content
+    return root
+
+
+@pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     g = torch.Generator().manual_seed(2)
@@ -481,9 +510,10 @@ def coco_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("task", list(evaluate.TASKS))
-def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, tmp_path, capsys):
-    root = {"voc": voc, "ade20k": ade_root, "coco_things": coco_root, "coco_stuff": coco_root}[evaluate.TASKS[task][1]]
+@pytest.mark.parametrize("task", [t for t, (family, _) in evaluate.TASKS.items() if family != "spair"])
+def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, cityscapes_root, tmp_path, capsys):
+    root = {"voc": voc, "ade20k": ade_root, "coco_things": coco_root, "coco_stuff": coco_root,
+            "cityscapes": cityscapes_root}[evaluate.TASKS[task][1]]
     extra = {"voc_incontext": ["eval.incontext.aug_epochs=1", "eval.incontext.memory_size=40",
                                "eval.voc_train_split=train"],
              "voc_linear": ["eval.linear.train_aug=true"]}.get(task, [])
@@ -500,6 +530,8 @@ def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, tmp_path, capsys)
     assert json.loads(out.read_text().splitlines()[-1]) == result
     if task == "voc_incontext":
         assert result["memory_patches"] == 6 * 6  # 40 // (6 images x 1 pass) = 6 patches kept per image
+    if task == "cityscapes_incontext":  # the labels the val masks hold, as trainIds: road 0, sidewalk 1, sky 10, car 13
+        assert {c for c, v in result["per_class_iou"].items() if v is not None} <= {"road", "sidewalk", "sky", "car"}
     if task.endswith("_incontext"):
         assert set(result["miou_variants"]) == {"hbird", "hungarian_nanmean", "plain", "dip"}
         assert result["miou"] == result["miou_variants"]["hbird"] and result["protocol"] == "hbird"
@@ -513,6 +545,24 @@ def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, tmp_path, capsys)
     if task == "voc_cluster":
         picture = decode_image(str(tmp_path / "vis" / "voc_cluster.png"))
         assert picture.shape[0] == 3 and picture.shape[1] > 56 and picture.shape[2] > 3 * 56
+
+
+def test_memory_size_sweep_equals_separate_runs(ckpt, voc, tmp_path, capsys):
+    sets = [*TINY, "eval.voc_train_split=train", "eval.incontext.aug_epochs=1"]
+    argv = ["--ckpt", ckpt[0], "--task", "voc_incontext", "--data-root", voc, "--set", *sets]
+    rc = evaluate.main([str(a) for a in argv + ["eval.incontext.memory_size=[12,40,10000]", "--out", tmp_path / "s"]])
+    out, err = capsys.readouterr()
+    sweep = [json.loads(line) for line in out.strip().splitlines()]
+    assert rc == 0 and [r["memory_size"] for r in sweep] == [12, 40, 10000], err
+    assert (tmp_path / "s").read_text().splitlines() == out.strip().splitlines()
+    for r in sweep:
+        rc, alone, err = run_cli(capsys, argv + [f"eval.incontext.memory_size={r['memory_size']}", "--out", tmp_path / "a"])
+        assert rc == 0, err
+        for key in ("miou", "per_class_iou", "miou_variants", "memory_patches"):
+            assert r[key] == alone[key], key
+    assert [r["memory_patches"] for r in sweep] == [2 * 6, 6 * 6, 16 * 6]  # 12 // 6, 40 // 6, capped at 16, x 6
+    rc, _, err = run_cli(capsys, argv + ["eval.incontext.memory_size=[12,0]"])
+    assert "eval.incontext.memory_size" in one_error_line(rc, err)
 
 
 def test_subset_file_selects_the_memory_images(ckpt, voc, tmp_path, capsys):
@@ -538,7 +588,7 @@ def test_each_family_applies_its_pos_embed_rule(task, rule, ckpt, voc, tmp_path,
 
     def fake_evaluator(backbone, *args, **kwargs):
         seen["tokens"] = backbone.forward_features(x)["x_norm_patchtokens"]
-        return torch.zeros(7), 0.5, [], {}
+        return [(torch.zeros(7), 0.5, [], {})]
     monkeypatch.setattr(evaluate, f"evaluate_{evaluate.TASKS[task][0]}", fake_evaluator)
     rc, result, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", task, "--data-root", voc, "--out",
                                        tmp_path / "r.jsonl", "--set", *TINY, "eval.voc_train_split=train"])
@@ -909,3 +959,118 @@ def test_incontext_for_dino_and_dinov3(arch, registers, voc, tmp_path, capsys, m
     rc, _, err = run_cli(capsys, ["--ckpt", "hub:dinov3_vits16", "--task", "voc_incontext", "--data-root", voc,
                                   "--set", *TINY])
     assert rc == 2 and err.count("\n") == 1 and "gated" in err and "08c60483" in err
+
+
+# -----------------------------------------------------------------------------
+# SPair-71k correspondence: the Probe3D protocol on synthetic pairs made by known warps
+
+
+@pytest.fixture(scope="module")
+def spair(tmp_path_factory):
+    return data.make_synthetic_spair(tmp_path_factory.mktemp("spair"), n_categories=2, n_pairs=6, image_size=96)
+
+
+def position_code(xy, size):
+    """Unit vectors that encode a point (n, 2) of a size x size source image: Gaussian bumps on a grid of anchors, so
+    that the dot product of two codes falls with the distance of their points."""
+    a = torch.linspace(-0.5 * size, 1.5 * size, 41)
+    anchors = torch.stack(torch.meshgrid(a, a, indexing="xy"), -1).reshape(-1, 2)  # (A, 2)
+    return F.normalize(torch.exp(-torch.cdist(xy, anchors) ** 2 / (2 * (size / 25) ** 2)), dim=-1)
+
+
+def oracle_view(root, category, name, size, grid, warp=None):
+    """The protocol's view of an image, with the patch tokens replaced by the code of the source point each cell shows:
+    its centre in the original pixels, mapped back through the pair's warp for the target image."""
+    image, kps = data.spair_view(root, category, name, size)
+    side = max(decode_image(str(root / "JPEGImages" / category / f"{name}.jpg")).shape[1:])
+    centres = (torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="xy"), -1) + 0.5)
+    xy = centres.reshape(-1, 2).double() / grid * side  # (grid * grid, 2) original pixels, row-major cells
+    if warp is not None:
+        A, b = torch.tensor(warp, dtype=torch.float64)[:, :2], torch.tensor(warp, dtype=torch.float64)[:, 2]
+        xy = (xy - b) @ torch.linalg.inv(A).T
+    return position_code(xy.float(), 96).reshape(grid, grid, -1), kps  # 96: the source images' side
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_oracle_features_find_every_keypoint_and_shuffled_ones_do_not(spair, shuffle):
+    errors = {}
+    for pair in data.spair_pairs(spair)["aeroplane", "all"] + data.spair_pairs(spair)["bicycle", "all"]:
+        src, trg = pair["filename"].split(":")[0].split("-")[1:]
+        fs, ks = oracle_view(spair, pair["category"], src, 448, 32)
+        ft, kt = oracle_view(spair, pair["category"], trg, 448, 32, pair["warp"])
+        if shuffle:
+            ft = ft.reshape(32 * 32, -1)[torch.randperm(32 * 32, generator=torch.Generator().manual_seed(0))]
+            ft = ft.reshape(32, 32, -1)
+        (x1, y1, x2, y2), side = pair["trg_bndbox"], max(pair["trg_imsize"][:2])
+        assert ((ks[:, 2] == 1) & (kt[:, 2] == 1)).sum() == len(pair["kps_ids"]) > 0
+        errors[pair["filename"]] = evaluate.keypoint_errors(fs, ks, ft, kt, 448, max(x2 - x1, y2 - y1) / side,
+                                                            centre=True)
+        corner = evaluate.keypoint_errors(fs, ks, ft, kt, 448, max(x2 - x1, y2 - y1) / side)
+        assert shuffle or corner.mean() > errors[pair["filename"]].mean()  # Probe3D's corner: half a cell off
+    chosen = data.spair_pairs(spair, per_bin=200)
+    result = evaluate.spair_recalls({k: [errors[p["filename"]] for p in ps] for k, ps in chosen.items()}, [0.1])
+    assert set(result["recall"]["0.1"]) == {"0", "1", "2", "all"}
+    if shuffle:  # chance: a disc of 0.1 box sides (about half the image side) covers about 1% of the image
+        assert result["recall"]["0.1"]["all"] < 5
+    else:
+        assert result["recall"]["0.1"] == {"0": 100.0, "1": 100.0, "2": 100.0, "all": 100.0}
+
+
+def test_spair_recall_pooling_bins_and_counts_hand_made(tmp_path):
+    for name, category, bin in (("b1", "dog", 0), ("a2", "cat", 1), ("a1", "cat", 0)):
+        path = tmp_path / "PairAnnotation" / "test" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"filename": name, "category": category, "viewpoint_variation": bin}))
+    errors = {"a1": torch.tensor([0.04, 0.1, 0.12]), "a2": torch.tensor([0.2, 0.09]), "b1": torch.tensor([0.01, 0.3])}
+    chosen = data.spair_pairs(tmp_path)
+    assert {k: [p["filename"] for p in ps] for k, ps in chosen.items()} == {
+        ("cat", "0"): ["a1"], ("cat", "1"): ["a2"], ("cat", "all"): ["a1", "a2"], ("dog", "0"): ["b1"],
+        ("dog", "all"): ["b1"]}
+    r = evaluate.spair_recalls({k: [errors[p["filename"]] for p in ps] for k, ps in chosen.items()}, [0.1, 0.15])
+    # 0.1: cat bin 0 1/3 (0.1 itself is not < 0.1), bin 1 1/2, all 2/5 pooled per keypoint (not (1/3 + 1/2) / 2);
+    # dog bin 0 and all 1/2; a bin's recall is the plain mean over the categories that have it
+    assert r["recall"]["0.1"] == pytest.approx({"0": (100 / 3 + 50) / 2, "1": 50.0, "2": None, "all": (40 + 50) / 2})
+    assert r["recall"]["0.15"] == pytest.approx({"0": 75.0, "1": 50.0, "2": None, "all": 65.0})
+    assert r["per_category"]["0.1"]["all"] == pytest.approx({"cat": 40.0, "dog": 50.0})
+    assert r["pairs"]["all"] == {"cat": 2, "dog": 1} and r["keypoints"]["all"] == {"cat": 5, "dog": 2}
+    assert r["pairs"]["2"] == {}
+
+
+def test_spair_subset_is_probe3ds_seeded_shuffle_of_the_sorted_pairs(spair):
+    everything = data.spair_pairs(spair)
+    names = [p["filename"] for p in everything["aeroplane", "all"]]
+    assert names == sorted(names) and len(names) == 6  # sorted, not the folder listing's order
+    chosen = data.spair_pairs(spair, per_bin=3)
+    assert set(chosen) == set(everything) and len(chosen) == 2 * 4
+    for (category, b), members in chosen.items():
+        expected = list(everything[category, b])
+        assert all(b in ("all", str(p["viewpoint_variation"])) and p["category"] == category for p in expected)
+        random.seed(20)  # Probe3D: random.seed(20); random.shuffle(instances); instances[:num_instances]
+        random.shuffle(expected)
+        assert members == expected[:3]
+
+
+def test_spair_correspondence_end_to_end(ckpt, spair, tmp_path, capsys):
+    argv = ["--ckpt", ckpt[0], "--task", "spair_correspondence", "--data-root", spair.parent, "--out", tmp_path / "r",
+            "--set", "eval.device=cpu", "eval.spair.image_size=60", "eval.spair.pairs_per_bin=1"]
+    rc, result, err = run_cli(capsys, argv)
+    assert rc == 0, err
+    assert set(result["recall"]) == {"0.05", "0.1", "0.15"} and result["settings"]["tokens"] == "last_block"
+    assert all(0 <= v <= 100 for r in result["recall"].values() for v in r.values())
+    assert result["pairs"] == {b: {"aeroplane": 1, "bicycle": 1} for b in ("0", "1", "2", "all")}
+    assert result["n_unreadable"] == 0 and json.loads((tmp_path / "r").read_text()) == result
+    rc, final, err = run_cli(capsys, argv + ["eval.spair.tokens=final_norm", "eval.spair.pairs_per_bin=null"])
+    assert rc == 0 and final["pairs"]["all"] == {"aeroplane": 6, "bicycle": 6}, err
+    rc, _, err = run_cli(capsys, argv[:4] + ["--data-root", tmp_path / "absent"])
+    assert "eval.roots.spair" in one_error_line(rc, err)
+    rc, _, err = run_cli(capsys, argv + ["--save-vis", tmp_path / "vis"])
+    assert "--save-vis" in one_error_line(rc, err)
+
+
+def test_patch_features_pads_the_normalised_image_with_zeros_centred(ckpt):
+    images = torch.randint(0, 256, (1, 3, 60, 47), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    feats = evaluate.patch_features(ckpt[1], images, pad=True, last_block=True)  # 60 x 47 -> 70 x 56: 5 x 4 patches
+    mean, std = (torch.tensor(v)[:, None, None] for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    x = F.pad((images.float() / 255 - mean) / std, (4, 5, 5, 5))  # 9 columns: 4 left, 5 right; 10 rows: 5 and 5
+    expected = ckpt[1].get_intermediate_layers(x, n=1, norm=False)[0].reshape(1, 5, 4, -1)
+    torch.testing.assert_close(feats, expected)
