@@ -626,7 +626,7 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
     elif case == "set_not_eval":
         sets = ["optim.epochs=1"]
     elif case == "set_value":
-        sets = ["eval.incontext.image_size=100"]
+        sets = ["eval.incontext.image_size=4"]
     elif case == "hub_name":
         args["--ckpt"] = "hub:dinov2_vitx14"
     elif case == "teacher_bare":
