@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def timed_ms(fn, calls, device):
 
 def cpu_name():
     names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "cpu"
+    return names[0] if names else "cpu"
 
 def device_name(device):
     return torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
@@ -100,10 +99,11 @@ def emit(line):
     print(json.dumps(line), flush=True)
     return line
 
-def table(caption, header, rows):
-    print(f"\n{caption}\n\n| " + " | ".join(header) + " |\n|" + "---:|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(map(str, row)) + " |")
+def table(caption, lines, keys):
+    """A markdown table of the lines' values under keys (headed by the keys, "_" read as a space)."""
+    print(f"\n{caption}\n\n| " + " | ".join(key.replace("_", " ") for key in keys) + " |\n|" + "---:|" * len(keys))
+    for line in lines:
+        print("| " + " | ".join(str(line[key]) for key in keys) + " |")
 
 def synthetic_batch(B, sizes, device, seed=0):
     """uint8 crops (B, 3, s, s) per size, and boxes (B, V, 4) in the pixels of a 640 x 480 image, all overlapping."""
@@ -115,14 +115,9 @@ def synthetic_batch(B, sizes, device, seed=0):
 
 # -----------------------------------------------------------------------------
 # train: the training step, fast path against the faithful fp32 path
-PATHS = {  # the config switches of each path (train.compile is added to the fast path by --compile)
-    "fast": {"train.precision": "bf16", "train.fused_attention": True, "train.fused_adamw": True,
-             "data.augment_on_device": True},
-    "faithful": {"train.precision": "fp32", "train.fused_attention": False, "train.fused_adamw": False,
-                 "data.augment_on_device": False},
-    "fp32_sdpa": {"train.precision": "fp32", "train.fused_attention": True, "train.fused_adamw": False,
-                  "data.augment_on_device": False},  # ~ the public run's xformers attention
-}
+PATH_KEYS = ("train.precision", "train.fused_attention", "train.fused_adamw", "data.augment_on_device")
+PATHS = {"fast": ("bf16", True, True, True), "faithful": ("fp32", False, False, False),  # (--compile: fast only)
+         "fp32_sdpa": ("fp32", True, False, False)}  # faithful numerics, ~ the public run's xformers attention
 PAPER_SHAPE = ("dinov2_vits14_reg", 64, 518, 98)  # arch, batch, global and local crop size of the paper's run
 PHASES = ("augment", "teacher", "student", "loss", "backward", "update")  # train.py's record_function names
 
@@ -134,7 +129,7 @@ def train_one(a):
     steps under torch.profiler. {"oom": True} when CUDA runs out of memory."""
     sets = {"model.arch": a.arch, "model.weights": "null", "optim.batch_size": a.batch, "train.device": a.device,
             "data.global_size": a.global_size, "data.local_size": a.local_size, "train.compile": a.compile,
-            **PATHS[a.path]}
+            **dict(zip(PATH_KEYS, PATHS[a.path]))}
     cfg = train.load_config(CONFIG, [f"{key}={value}" for key, value in sets.items()])
     device, on_device = torch.device(a.device), cfg["data"]["augment_on_device"]
     torch.manual_seed(0)
@@ -173,8 +168,7 @@ def train_one(a):
             phases[f"{event.key}_ms"] += event.cpu_time_total / 1e3 / a.breakdown
             if a.device == "cuda":
                 phases[f"{event.key}_cuda_ms"] += event.device_time_total / 1e3 / a.breakdown
-    precision = "bf16" if a.device == "cuda" and cfg["train"]["precision"] == "bf16" else "fp32"
-    return {"ms": ms, "peak_mib": peak, "loss": loss.item(), **phases, "precision": precision}
+    return {"ms": ms, "peak_mib": peak, "loss": loss.item(), **phases}
 
 def cmd_train(args):
     if min(args.batch, args.global_size, args.steps, args.breakdown) < 1 or args.warmup < 0:
@@ -190,17 +184,14 @@ def cmd_train(args):
             batch //= 2
         results.append(emit({"bench": "train", "path": path, "arch": args.arch, "device": args.device,
                              "batch": batch, "global_size": args.global_size, "local_size": args.local_size,
-                             "compile": compile_blocks, "precision": one.pop("precision"),
+                             "compile": compile_blocks, "precision": PATHS[path][0] if cuda else "fp32",
                              **{k: float(f"{v:.4g}") for k, v in one.items()},
                              "img_per_s": float(f"{batch * 1e3 / one['ms']:.4g}")}))
-    columns = phase_columns(args.device)
     table(f"train.train_step, {args.arch}, 2 x {args.global_size} + 4 x {args.local_size} px crops, "
-          f"{device_name(args.device)}; ms/step over {args.steps} steps after {args.warmup} warm-up; phases: ms per "
-          f"step of its record_function ranges under torch.profiler ({args.breakdown} steps; CPU time"
+          f"{device_name(args.device)}; ms per step over {args.steps} steps after {args.warmup} warm-up; phases: ms "
+          f"per step in its record_function ranges ({args.breakdown} profiled steps; CPU time"
           f"{', _cuda: GPU time' if cuda else ''}); peak: {'max allocated' if cuda else 'peak resident set'}",
-          ["path", "precision", "batch", "ms/step", "images/s", "peak MiB", *(c.replace("_", " ") for c in columns)],
-          [[r["path"], r["precision"], r["batch"], r["ms"], r["img_per_s"], r["peak_mib"], *[r[c] for c in columns]]
-           for r in results])
+          results, ["path", "precision", "batch", "ms", "img_per_s", "peak_mib", *phase_columns(args.device)])
     by_path = {r["path"]: r for r in results}
     if {"fast", "faithful"} <= by_path.keys():
         print(f"\nfast path: {by_path['fast']['img_per_s'] / by_path['faithful']['img_per_s']:.2f}x the faithful "
@@ -269,11 +260,10 @@ def cmd_sort(args):
             hog.wait()
     table(f"forward+backward, {args.network}, {args.distribution}, steepness {args.steepness}, "
           f"{cpu_name() if args.device == 'cpu' else device_name(args.device)}, {args.hogs} busy-loop processes "
-          f"beside it; median of {args.rounds} rounds x {args.repeats} runs; peak = memory above the inputs",
-          ["rows", "n", "threads", "ours ms", "diffsort ms", "speedup", "ours peak MiB", "diffsort peak MiB",
-           "memory ratio"],
-          [[r["rows"], r["n"], r["threads"], r["ours_ms"], r["diffsort_ms"], f"{r['speedup']}x", r["ours_peak_mib"],
-            r["diffsort_peak_mib"], f"{r['memory_ratio']}x"] for r in results])
+          f"beside it; median of {args.rounds} rounds x {args.repeats} runs; peak = memory above the inputs; "
+          f"speedup and memory ratio: diffsort / ours",
+          results, ["rows", "n", "threads", "ours_ms", "diffsort_ms", "speedup", "ours_peak_mib", "diffsort_peak_mib",
+                    "memory_ratio"])
 
 # -----------------------------------------------------------------------------
 # incontext and scaling: the exact k-NN search of the in-context protocol; how sort and search costs grow
@@ -313,11 +303,10 @@ def cmd_incontext(args):
     full = (args.memory, args.images, args.patches, args.dim) == (10_240_000, VOC_VAL_IMAGES, PATCHES_504, 384)
     table(f"in-context search (evaluate.topk_inner_product), k {args.k}, dim {args.dim}, "
           f"{'float16' if args.device == 'cuda' else 'float32'} keys, {args.batch_images} images of {args.patches} "
-          f"queries per call, {device_name(args.device)}; peak = memory above the keys; TFLOP/s counts the 2 x dim "
-          f"flops of each query-key product",
-          ["memory", "queries", "seconds", "peak MiB", "TFLOP/s",
-           f"VOC scale (10.24M x 1.88M), min{'' if full else ', projected linearly'}"],
-          [[line[key] for key in ("memory", "queries", "seconds", "peak_mib", "tflops", "voc_scale_minutes")]])
+          f"queries per call, {device_name(args.device)}; peak = memory above the keys; tflops: TFLOP/s of the 2 x dim "
+          f"flops of each query-key product; voc scale: minutes for 10.24M keys x 1.88M queries"
+          f"{'' if full else ', projected linearly'}",
+          [line], ["memory", "queries", "seconds", "peak_mib", "tflops", "voc_scale_minutes"])
 
 def cmd_scaling(args):
     points = [(n, args.sort_rows) for n in args.n]
@@ -327,17 +316,14 @@ def cmd_scaling(args):
         sort.check_arguments(n, args.network, args.steepness, args.distribution)
         one = run_child("sort_one", args, method="ours", n=n, rows=rows, threads=0)
         sort_lines.append(emit({"bench": "scaling_sort", "n": n, "rows": rows, "device": args.device,
-                                "ms": round(one["ms"], 1), "peak_mib": round(one["peak_mib"], 1),
-                                "layers": len(sort.network_layers(n, args.network)[1])}))
+                                "layers": len(sort.network_layers(n, args.network)[1]), "ms": round(one["ms"], 1),
+                                "peak_mib": round(one["peak_mib"], 1), "ms_per_row": round(one["ms"] / rows, 4)}))
     search_lines = [search_line(args, memory, "scaling_search") for memory in args.memories]
     table(f"{device_name(args.device)}\n\nsort.diff_sort forward+backward ({args.network}, {args.distribution}, "
-          f"steepness {args.steepness}, median of {args.repeats}); peak = memory above the inputs",
-          ["n", "rows", "network layers", "ms", "peak MiB", "ms per row"],
-          [[r["n"], r["rows"], r["layers"], r["ms"], r["peak_mib"], round(r["ms"] / r["rows"], 4)]
-           for r in sort_lines])
-    table(f"in-context search (k {args.k}, {args.images * args.patches} queries)",
-          ["memory", "seconds", "peak MiB", "TFLOP/s"],
-          [[r["memory"], r["seconds"], r["peak_mib"], r["tflops"]] for r in search_lines])
+          f"steepness {args.steepness}, median of {args.repeats}); layers of the sorting network; peak = memory "
+          f"above the inputs", sort_lines, ["n", "rows", "layers", "ms", "peak_mib", "ms_per_row"])
+    table(f"in-context search (k {args.k}, {args.images * args.patches} queries)", search_lines,
+          ["memory", "seconds", "peak_mib", "tflops"])
 
 # -----------------------------------------------------------------------------
 # augment: the photometric augmentation in the loader workers or on the training device
@@ -364,14 +350,14 @@ def cmd_augment(args):
     one = run_child("augment_one", args)
     line = emit({"bench": "augment", "device": args.device, "batch": args.batch, "global_size": args.global_size,
                  "local_size": args.local_size, **{k: round(v, 2) for k, v in one.items()}})
+    loader = [("loader: crop + torchvision photometric (augment_on_device false)", line["loader_reference_ms"]),
+              ("loader: crop only (augment_on_device true)", line["loader_crops_only_ms"])]
+    rows = [{"where": where, "ms_per_image": ms, "images/s_of_16_workers": round(16e3 / ms)} for where, ms in loader]
+    rows.append({"where": f"train.augment_views on {args.device}", "ms_per_image": line["device_ms"],
+                 "images/s_of_16_workers": ""})
     table(f"per image of 2 x {args.global_size} + 4 x {args.local_size} px crops (640 x 480 source); loader: one "
-          f"thread, {cpu_name()}; device: {device_name(args.device)}, batches of {args.batch}",
-          ["where", "ms per image", "images/s of 16 loader workers"],
-          [["loader: crop + torchvision photometric (augment_on_device false)", line["loader_reference_ms"],
-            round(16e3 / line["loader_reference_ms"])],
-           ["loader: crop only (augment_on_device true)", line["loader_crops_only_ms"],
-            round(16e3 / line["loader_crops_only_ms"])],
-           [f"train.augment_views on {args.device}", line["device_ms"], ""]])
+          f"thread, {cpu_name()}; device: {device_name(args.device)}, batches of {args.batch}", rows,
+          ["where", "ms_per_image", "images/s_of_16_workers"])
 
 # -----------------------------------------------------------------------------
 CHILDREN = {f.__name__: f for f in (train_one, sort_one, search_one, augment_one)}
