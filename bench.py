@@ -100,8 +100,9 @@ def emit(line):
     return line
 
 def table(caption, lines, keys):
-    """A markdown table of the lines' values under keys (headed by the keys, "_" read as a space)."""
-    print(f"\n{caption}\n\n| " + " | ".join(key.replace("_", " ") for key in keys) + " |\n|" + "---:|" * len(keys))
+    """A markdown table of the lines' values under keys, headed by the keys ("_" read as a space)."""
+    header = [key.replace("_", " ").replace("mib", "MiB") for key in keys]
+    print(f"\n{caption}\n\n| " + " | ".join(header) + " |\n|" + "---:|" * len(keys))
     for line in lines:
         print("| " + " | ".join(str(line[key]) for key in keys) + " |")
 
