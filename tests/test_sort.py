@@ -1,12 +1,8 @@
 """sort.py: the fast path against the plain-autograd reference (float64 to 1e-10, float32 gradients to 1e-4 of
 the largest), both against the diffsort 0.2.0 oracle (float32 P to 1e-6, gradients to 1e-4 of the largest;
 float64 1e-10 / 1e-8), float64 gradchecks of both, properties of P, the hard-network limit, determinism over
-thread counts and row splits, shapes, autocast, argument errors, and the bench.py sort command."""
+thread counts and row splits, shapes, autocast and argument errors."""
 
-import json
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -328,25 +324,3 @@ def test_check_finite_off_keeps_rows_apart(network):
     with pytest.raises(ValueError, match="contains NaN"):
         DiffSort(12, network)(x_bad)                           # the default still refuses
 
-
-# -----------------------------------------------------------------------------
-# bench.py sort: the command runs end to end and reports consistent numbers
-
-
-def test_bench_sort_command():
-    pytest.importorskip("diffsort")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "bench.py", "sort", "--rows", "64", "--n", "5", "--repeats", "1"],
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [line["threads"] for line in lines] == [1, torch.get_num_threads()]   # --threads 1 0 by default
-    line = lines[0]
-    assert (line["n"], line["rows"], line["network"]) == (5, 64, "bitonic")
-    assert line["speedup"] == round(line["diffsort_ms"] / line["ours_ms"], 2)
-    assert line["ours_peak_mib"] >= 0 and line["diffsort_peak_mib"] >= 0
-    assert "| 64 | 5 | 1 |" in done.stdout                    # the markdown table
-    if not torch.cuda.is_available():
-        done = subprocess.run([sys.executable, "bench.py", "sort", "--device", "cuda"], cwd=root,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--device" in done.stderr and "no GPU" in done.stderr
