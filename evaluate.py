@@ -1,12 +1,13 @@
 """
 Evaluation of a frozen backbone (our checkpoints, the official DINOv2 weights, the released NeCo weights): dense
-in-context (Hummingbird) retrieval, a linear probe and K-means on the final-norm patch tokens, and SPair-71k keypoint
-correspondence (the Probe3D protocol).
+in-context (Hummingbird) retrieval, a linear probe and K-means on the final-norm patch tokens, SPair-71k keypoint
+correspondence (the Probe3D protocol), and pictures of the features (principal components, a patch's similarities).
 
     python evaluate.py --ckpt runs/neco/last.pt --task voc_incontext [--teacher]   # a train.py run (its EMA teacher)
     python evaluate.py --ckpt neco_vits14_reg.pth --task ade_linear                # a bare state_dict file
     python evaluate.py --ckpt hub:dinov2_vits14_reg --task spair_correspondence    # the official DINOv2 weights
     python evaluate.py --ckpt runs/demo/last.pt --task voc_incontext --demo        # the offline demo, CPU
+    python evaluate.py --ckpt runs/neco/last.pt --task pca --images photos/ --out vis/   # PNGs: vis/*.png
     python evaluate.py ... --set eval.incontext.memory_size=[102400,1024000] eval.incontext.fraction=0.125
 
 stdout holds the result, a JSON line (one per memory size of a sweep), printed first and then appended to --out;
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.io import encode_png
 from torchvision.transforms import v2
-from torchvision.utils import draw_segmentation_masks, make_grid
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 from tqdm import tqdm
 
 import data
@@ -41,7 +42,8 @@ TASKS = {"voc_incontext": ("incontext", "voc"), "ade_incontext": ("incontext", "
          "coco_things_linear": ("linear", "coco_things"), "coco_stuff_linear": ("linear", "coco_stuff"),
          "voc_cluster": ("cluster", "voc"), "coco_things_cluster": ("cluster", "coco_things"),
          "cityscapes_incontext": ("incontext", "cityscapes"), "coco_things_incontext": ("incontext", "coco_things"),
-         "coco_stuff_incontext": ("incontext", "coco_stuff"), "spair_correspondence": ("spair", "spair")}
+         "coco_stuff_incontext": ("incontext", "coco_stuff"), "spair_correspondence": ("spair", "spair"),
+         "pca": ("pca", "voc")}  # pictures of the images under --images (default: eval.roots.voc)
 # the in-context presets: the reference Hummingbird evaluator (the published numbers) and DIP's variant of it
 PROTOCOLS = {"hbird": {"temperature": 0.02, "normalize": True, "score": "hbird"},
              "dip": {"temperature": 0.07, "normalize": False, "score": "dip"}}
@@ -292,11 +294,8 @@ def evaluate_cluster(backbone, val_set, s, device, num_workers, precision, n_vis
     return [(*headline, vis, {"by_k": by_k})]
 
 def standardize_pca(x, dim=50):
-    """(n, D) -> (n, min(dim, D)): zero mean and unit variance per feature (population std, as the reference's
-    StandardScaler), then the top principal axes."""
-    x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-8)
-    cov = sum(xc.T.double() @ xc.double() for xc in x.split(262144)) / max(len(x) - 1, 1)  # (D, D), float64
-    return x @ torch.linalg.eigh(cov)[1][:, -dim:].flip(1).to(x.dtype)  # eigh: ascending eigenvalues
+    """(n, D) -> (n, min(dim, D)): unit variance per feature (population std, the reference's StandardScaler), PCA."""
+    return principal_components(x / x.std(0, unbiased=False).clamp_min(1e-8), dim)
 
 def kmeans(x, k, seed=0, iters=100, redo=5, max_points_per_centroid=256):
     """faiss.Kmeans(d, k, niter=iters, nredo=redo, seed=seed) as the public NeCo code runs it, on a sample of at most
@@ -396,6 +395,73 @@ def spair_recalls(errors, thresholds):
         result["per_category"][str(t)] = per
         result["recall"][str(t)] = {b: sum(v.values()) / len(v) if v else None for b, v in per.items()}
     return result
+
+# -----------------------------------------------------------------------------
+# feature pictures: the first principal components of the patch tokens as colours, and one patch's similarity map
+def feature_pictures(backbone, files, s, device, precision, out_dir):
+    """A PNG per image: image | its tokens' first 3 principal components (fitted over all the images shown) as RGB |
+    their cosine similarity to the query patch of the first image (min-max scaled); grid.png: every row."""
+    size, grid, images, names = s["image_size"], s["image_size"] // backbone.patch_size, [], []
+    col, row = query_patch(s["query"], grid)
+    for f in files:
+        try:
+            images.append(v2.functional.resize(data.read_image(f), [size, size], antialias=True))
+            names.append(f"{len(names):03d}_{f.stem}.png")
+        except (OSError, RuntimeError) as e:
+            skip_unreadable(e)
+        if len(images) == s["n_images"]:
+            break
+    if not images:
+        raise UserError(f"none of the {len(files)} image files under --images is readable")
+    feats = torch.cat([patch_features(backbone, im[None].to(device), precision) for im in images]).cpu()  # (n,h,w,D)
+    sim = minmax(query_similarity(feats, col, row).flatten()).reshape(*feats.shape[:3], 1)  # (n, h, w, 1)
+    maps = torch.cat([pca_rgb(feats, s["foreground_threshold"]), sim.expand(-1, -1, -1, 3)], -1).permute(0, 3, 1, 2)
+    maps = (255 * F.interpolate(maps, size=(size, size), mode="nearest")).round().to(torch.uint8)  # (n, 6, S, S)
+    box = torch.tensor([[col, row, col + 1, row + 1]]) * backbone.patch_size  # the query patch, framed in red
+    rows = [[im, m[:3], m[3:]] for im, m in zip(images, maps)]
+    rows[0][0] = draw_bounding_boxes(images[0], box, colors="red", width=2)
+    written = [out_dir / name for name in names] + [out_dir / "grid.png"]
+    for path, tiles in zip(written, rows + [sum(rows, [])]):
+        write_grid(tiles, path)
+        print(f"wrote {path}", file=sys.stderr)
+    return {"files": [str(p) for p in written], "query_patch": [col, row], "grid": [grid, grid], "n_images": len(rows)}
+
+def query_patch(query, grid):
+    """'column,row' in patches ('3,5') or in fractions of the side ('0.5,0.5', with a dot) -> (column, row)."""
+    values = [float(v) for v in query.split(",")]
+    col, row = [min(int(v * grid), grid - 1) for v in values] if "." in query else [int(v) for v in values]
+    if max(col, row) >= grid:
+        raise ConfigError(f"config key 'eval.pca.query' names patch {query}, outside the {grid}x{grid} patches")
+    return col, row
+
+def query_similarity(feats, col, row):
+    """Tokens (n, h, w, D) -> (n, h, w): each patch's cosine similarity to patch (col, row) of the first image."""
+    x = F.normalize(feats, dim=-1)
+    return x @ x[0, row, col]
+
+def pca_rgb(feats, threshold=None):
+    """Tokens (n, h, w, D) -> colours (n, h, w, 3) in [0, 1]: the first 3 principal components, each min-max scaled.
+    threshold: the foreground (scaled first component above it, signed so that the borders are low) refitted alone."""
+    x, shape = feats.flatten(0, 2).double(), (*feats.shape[:3], 3)  # (M, D)
+    pcs = principal_components(x, 3)
+    if threshold is None:
+        return minmax(pcs).float().reshape(shape)
+    border = torch.ones(feats.shape[:3], dtype=torch.bool)
+    border[:, 1:-1, 1:-1] = False
+    fg = minmax(pcs[:, 0] * (1 if pcs[border.flatten(), 0].mean() < pcs[:, 0].mean() else -1)) > threshold  # (M,)
+    out = torch.zeros(len(x), 3, dtype=torch.float64)  # the background black
+    out[fg] = minmax(principal_components(x[fg], 3))
+    return out.float().reshape(shape)
+
+def principal_components(x, k):
+    """(M, D) -> (M, min(k, D)): x centred, on its top k principal axes (each signed: its largest loading positive)."""
+    x = x - x.mean(0)
+    cov = sum(xc.T.double() @ xc.double() for xc in x.split(262144))  # (D, D), float64, in chunks
+    axes = torch.linalg.eigh(cov)[1][:, -k:].flip(1)  # eigh: ascending eigenvalues
+    return x @ (axes * axes.gather(0, axes.abs().argmax(0, keepdim=True)).sign()).to(x.dtype)
+
+def minmax(x):
+    return (x - x.amin(0)) / (x.amax(0) - x.amin(0)).clamp_min(1e-12)  # each column to [0, 1]
 
 # -----------------------------------------------------------------------------
 # shared machinery: loaders, features, resizing, mIoU from one confusion matrix, matching
@@ -554,8 +620,12 @@ def save_vis(samples, path, num_classes, ignore_index):
     for image, *maps in samples:  # maps: the ground truth and the prediction
         masks = [(m.long() == classes) & (m != ignore_index) for m in maps]  # (C, S, S) bool each
         tiles += [image] + [draw_segmentation_masks(image, mask, alpha=0.6, colors=colors) for mask in masks]
+    write_grid(tiles, path)
+
+def write_grid(tiles, path):
+    """uint8 tiles (3, S, S), three to a row -> one PNG (written with open(): any file name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))  # any file name
+    path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))
 
 # -----------------------------------------------------------------------------
 # the command line: settings, data, checks before anything heavy runs, the result line
@@ -569,8 +639,8 @@ def eval_config(config_path, sets, demo):
     return cfg["eval"]
 
 def make_datasets(family, dataset, ev, s, data_root, demo):
-    """-> (data root, train set or None, val set); SPair-71k: (its root, None, None). The demo's synthetic scenes (VOC
-    layout) stand in for every segmentation set, synthetic warped pairs for SPair-71k."""
+    """-> (data root, train set or None, val set); SPair-71k: (its root, None, None); pca: (root, image files, None).
+    The demo's synthetic scenes (VOC layout) stand in for every image set, synthetic warped pairs for SPair-71k."""
     key = dataset.split("_")[0]  # eval.roots.<key>
     if demo:
         root = (data.make_synthetic_spair(data_root or "data/synthetic_spair") if family == "spair" else
@@ -578,8 +648,14 @@ def make_datasets(family, dataset, ev, s, data_root, demo):
     else:
         root = Path(data_root or ev["roots"][key]).expanduser()
         if not root.exists():
-            raise UserError(f"data root {root} not found: pass --data-root or set eval.roots.{key} (see README for "
-                            f"the expected layout)")
+            raise UserError(f"data root {root} not found: pass {'--images' if family == 'pca' else '--data-root'} or "
+                            f"set eval.roots.{key} (see README for the expected layout)")
+    if family == "pca":  # any folder of images, or a VOC root's JPEGImages
+        folder = next((d for d in (root / "JPEGImages", root / "VOC2012" / "JPEGImages") if d.is_dir()), root)
+        files = data.list_images(folder)
+        if not files:
+            raise UserError(f"no image files under {folder} (--images)")
+        return folder, files, None
     if family == "spair":  # the SPair-71k folder or its parent
         return (root / "SPair-71k" if (root / "SPair-71k").is_dir() else root), None, None
     name = "voc" if demo else dataset
@@ -599,11 +675,12 @@ def make_datasets(family, dataset, ev, s, data_root, demo):
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
-def check_writable(path, what, flag):
-    """Refuse now, not after hours of computing, a destination that could not be written at the end."""
+def check_writable(path, what, flag, folder=False):
+    """Refuse now, not after hours of computing, a destination (a file, or a folder) that could not be written."""
     target = path if path.exists() else next(p for p in path.parents if p.exists())  # or the folder it goes in
-    if path.is_dir():
-        raise UserError(f"{what} {path} ({flag}) is a folder: pass a file path")
+    if path.exists() and path.is_dir() != folder:
+        kinds = ("file", "folder")[::-1 if folder else 1]  # what it is, what it must be
+        raise UserError(f"{what} {path} ({flag}) is a {kinds[1]}: pass a {kinds[0]} path")
     if not target.is_dir() and target != path:
         raise UserError(f"{what} {path} ({flag}) lies under {target}, which is a file, not a folder")
     if not os.access(target, os.W_OK):
@@ -616,17 +693,17 @@ def run(args):
     family, dataset = TASKS[args.task]
     config = Path(args.config).expanduser() if args.config else Path(__file__).with_name("config.yaml")
     ev = eval_config(config, flatten_sets(args.set), args.demo)
-    s, hub = ev[family], args.ckpt.startswith("hub:")
-    hub_names = model.RELEASED  # the names with released weights
-    if hub and args.ckpt[4:] not in hub_names:
-        raise UserError(f"unknown hub model '{args.ckpt[4:]}'; choose one of {', '.join(hub_names)}")
+    s, hub, pictures = ev[family], args.ckpt.startswith("hub:"), family == "pca"
+    if hub and args.ckpt[4:] not in model.RELEASED:  # the names with released weights
+        raise UserError(f"unknown hub model '{args.ckpt[4:]}'; choose one of {', '.join(model.RELEASED)}")
     if not hub and not Path(args.ckpt).expanduser().is_file():
         raise UserError(f"checkpoint {args.ckpt} not found (a train.py last.pt, a state_dict file or hub:<name>)")
-    out = Path(args.out or ("results.jsonl" if hub else Path(args.ckpt).parent / "results.jsonl")).expanduser()
-    if args.save_vis and family == "spair":
-        raise UserError("--save-vis draws segmentation pictures; spair_correspondence has none: leave it out")
+    name = "vis" if pictures else "results.jsonl"  # pca: --out is the picture folder; its result line: stdout only
+    out = Path(args.out or (name if hub else Path(args.ckpt).parent / name)).expanduser()
+    check_writable(out, "picture folder" if pictures else "results file", "--out", folder=pictures)
     vis_path = Path(args.save_vis).expanduser() / f"{args.task}.png" if args.save_vis else None
-    check_writable(out, "results file", "--out")
+    if vis_path and family in ("spair", "pca"):
+        raise UserError(f"--save-vis draws segmentation pictures; {args.task} has none: leave it out")
     if vis_path and ev["vis_images"] < 1:
         raise ConfigError("config key 'eval.vis_images' must be an integer > 0 with --save-vis, got 0")
     if vis_path:
@@ -643,12 +720,15 @@ def run(args):
     backbone.set_pos_embed_rule(s["pos_embed_rule"])  # per family: the resizing its reference evaluator ran with
     device = pick_device(ev["device"], "eval.device")
     print(f"{args.task}: {about['arch']} on {device}", file=sys.stderr)
+    backbone, vis = backbone.to(device), None
     if family == "spair":
-        results, vis = [evaluate_spair(backbone.to(device), root, s, device, ev["precision"])], None
+        results = [evaluate_spair(backbone, root, s, device, ev["precision"])]
+    elif pictures:
+        results = [feature_pictures(backbone, train_set, s, device, ev["precision"], out)]
     else:
         sets = (val_set,) if train_set is None else (train_set, val_set)
         evaluator = {"incontext": evaluate_incontext, "linear": evaluate_linear, "cluster": evaluate_cluster}[family]
-        results = evaluator(backbone.to(device), *sets, s, device, ev["num_workers"], ev["precision"],
+        results = evaluator(backbone, *sets, s, device, ev["num_workers"], ev["precision"],
                             ev["vis_images"] if vis_path else 0)
         vis = results[0][2]
         results = [{"miou": 100 * miou, "per_class_iou": {c: None if math.isnan(v) else round(100 * v, 4) for c, v in
@@ -667,9 +747,10 @@ def run(args):
     except (OSError, RuntimeError) as e:
         failed.append(f"picture {vis_path} ({e})")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.write("".join(line + "\n" for line in lines))
+        if not pictures:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.write("".join(line + "\n" for line in lines))
     except OSError as e:
         failed.append(f"results file {out} ({e})")
     if failed:
@@ -677,15 +758,17 @@ def run(args):
     return [json.loads(line) for line in lines]
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluation (in-context, linear, K-means, SPair-71k) of a backbone")
+    p = argparse.ArgumentParser(description="Evaluation (in-context, linear, K-means, SPair-71k, pictures) of a model")
     p.add_argument("--ckpt", required=True, help="train.py checkpoint, state_dict file, or hub:<name> (model.RELEASED)")
     p.add_argument("--task", required=True, help=", ".join(TASKS))
     p.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher of a train.py checkpoint")
-    p.add_argument("--data-root", help="dataset folder (default: eval.roots in the config)")
+    p.add_argument("--data-root", "--images", help="dataset folder (default: eval.roots in the config); --task pca: "
+                   "--images, a folder of images (searched recursively) or a VOC root")
     p.add_argument("--config", help="the YAML config (default: config.yaml next to evaluate.py)")
     p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
                    help="override eval.* keys, e.g. --set eval.incontext.memory_size=102400")
-    p.add_argument("--out", help="results file, one JSON line appended (default: results.jsonl beside the ckpt)")
+    p.add_argument("--out", help="results file, one JSON line appended (default: results.jsonl beside the ckpt); "
+                   "--task pca: the picture folder (default: vis beside the ckpt)")
     p.add_argument("--save-vis", metavar="DIR", help="write DIR/<task>.png: image | ground truth | prediction")
     p.add_argument("--demo", action="store_true", help="synthetic data in data/synthetic and small CPU settings")
     args = p.parse_args(argv)
