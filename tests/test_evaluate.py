@@ -337,10 +337,10 @@ def test_linear_head_learns_separable_problem():
 
 def test_linear_scoring_at_mask_size_hand_made():
     # a 2x2 token grid: left tokens say class 0, right tokens class 1 (the head passes feature c to logit c)
-    head = evaluate.LinearHead(2, 2, out_size=4)
+    head = evaluate.linear_head(2, 2, out_size=4)
     with torch.no_grad():
-        head.weight.copy_(torch.eye(2)[:, :, None, None])
-        head.bias.zero_()
+        head[1].weight.copy_(torch.eye(2)[:, :, None, None])  # the 1x1 conv
+        head[1].bias.zero_()
     left = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     feats = torch.stack([left, 1 - left], -1)[None]  # (1, h=2, w=2, D=2)
     # full-resolution GT 8x8: columns 0, 2, 3 class 0, column 1 class 1; columns 4, 6, 7 class 1, column 5 void
@@ -356,10 +356,10 @@ def test_linear_scoring_at_mask_size_hand_made():
     assert evaluate.score(conf_full)[1] == pytest.approx(0.75)
 
 
-def test_standardize_pca_gives_uncorrelated_sorted_components():
+def test_principal_components_are_uncorrelated_and_sorted():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3
-    y = evaluate.standardize_pca(x, 4)
+    y = evaluate.principal_components(x / x.std(0), 4)  # standardised first, as the K-means evaluation does
     cov = torch.cov(y.T.double())
     assert y.shape == (2000, 4)
     torch.testing.assert_close(cov - torch.diag(cov.diag()), torch.zeros(4, 4, dtype=torch.float64), atol=1e-4,
@@ -842,7 +842,8 @@ def test_non_finite_weights_are_refused_naming_the_first_tensor(ckpt, voc, tmp_p
 
 def test_more_clusters_than_val_patches_is_refused(ckpt, voc, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_cluster", boom)
-    rc, _, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", "voc_cluster", "--data-root", voc, "--out",
+    torch.save(ckpt[1].state_dict(), tmp_path / "bare.pth")  # no head keys: stderr holds the error line alone
+    rc, _, err = run_cli(capsys, ["--ckpt", tmp_path / "bare.pth", "--task", "voc_cluster", "--data-root", voc, "--out",
                                   tmp_path / "r.jsonl", "--set", *TINY, "eval.cluster.ks=[0,33]"])
     line = one_error_line(rc, err)  # 2 val images x 4 x 4 patches = 32 points
     assert "'eval.cluster.ks'" in line and "32 val patch tokens" in line
