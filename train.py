@@ -843,9 +843,9 @@ CONFIG_RULES = {
     "eval.spair.thresholds": rule("a list of numbers > 0", lambda v: isinstance(v, list) and len(v) > 0
                                   and all(map(POSITIVE[1], v))),
     "eval.pca.image_size": PATCHES, "eval.pca.n_images": POSITIVE_INT, "eval.pca.pos_embed_rule": POS_EMBED,
-    "eval.pca.query": rule("'column,row' in patches ('3,5') or in fractions of the side ('0.5,0.5')", lambda v: (
-        isinstance(v, str) and v.count(",") == 1 and (all(x.strip().isdecimal() for x in v.split(",")) or all(
-            "." in x and x.strip().replace(".", "", 1).isdecimal() and float(x) <= 1 for x in v.split(","))))),
+    "eval.pca.query": rule("'x,y': fractions in [0, 1] of the image's width and height ('0.5,0.5': the centre)",
+                           lambda v: isinstance(v, str) and v.count(",") == 1 and all(
+                               x.strip().replace(".", "", 1).isdecimal() and float(x) <= 1 for x in v.split(","))),
     "eval.pca.foreground_threshold": rule(*BELOW_ONE, optional=True),
 }
 
