@@ -372,6 +372,7 @@ def feature_pictures(backbone, shown, s, device, precision, out_dir):
     written = [out_dir / name for name, _ in shown] + [out_dir / "grid.png"]
     for path, tiles in zip(written, rows + [sum(rows, [])]):
         write_grid(tiles, path)
+        print(f"wrote {path}", file=sys.stderr)
     return {"files": [str(f) for f in written], "query_patch": [col, row], "n_images": len(rows)}
 
 def pca_rgb(feats, threshold=None):
@@ -544,10 +545,9 @@ def save_vis(samples, path, num_classes, ignore_index):
     write_grid(tiles, path)
 
 def write_grid(tiles, path):
-    """uint8 tiles (3, S, S), three to a row -> one PNG (written with open(): any file name), named on stderr."""
+    """uint8 tiles (3, S, S), three to a row -> one PNG (written with open(): any file name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))
-    print(f"wrote {path}", file=sys.stderr)
 
 # ---- the command line: settings, data, checks before anything heavy runs, the result line
 def eval_config(config_path, sets, demo):
