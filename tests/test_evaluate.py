@@ -1,6 +1,6 @@
 """evaluate.py: metrics and matching against brute force, exact chunked k-NN, label transfer, the memory, the linear
-probe, K-means, every task end to end on tiny synthetic data, the CLI's errors, and the in-context protocol against
-an independent brute-force run of it."""
+probe, K-means, every task end to end on tiny synthetic data, the CLI's errors, the in-context protocol against
+an independent brute-force run of it, and the feature pictures against an SVD and cosines by hand."""
 import itertools
 import json
 import math
@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.io import decode_image, encode_jpeg, encode_png
+from torchvision.transforms import v2
 
 import data
 import evaluate
@@ -1135,7 +1136,7 @@ def test_pca_pictures_are_written_deterministic_and_listed(ckpt, voc, tmp_path, 
     # the similarity tiles against cosines by hand: float64, every patch of every image against the query patch
     mean, std = (torch.tensor(v)[:, None, None] for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
     shown = [images / "nested" / f"syn_0000{i}.jpg" for i in (0, 2, 3)]
-    x = torch.stack([evaluate.v2.functional.resize(data.read_image(f), [56, 56], antialias=True) for f in shown])
+    x = torch.stack([v2.functional.resize(data.read_image(f), [56, 56], antialias=True) for f in shown])
     with torch.no_grad():
         tokens = ckpt[1].forward_features((x / 255 - mean) / std)["x_norm_patchtokens"].double()  # (3, 16, D)
     query = tokens[0, 1 * 4 + 2]  # row 1, column 2
