@@ -1,16 +1,14 @@
 """
-Evaluation of a frozen backbone (our checkpoints, the official DINOv2 weights, the released NeCo weights): dense
-in-context (Hummingbird) retrieval, a linear probe and K-means on the final-norm patch tokens, and SPair-71k keypoint
-correspondence (the Probe3D protocol).
+Evaluation of a frozen backbone (ours, official or released weights): in-context (Hummingbird) retrieval, linear probe,
+K-means, SPair-71k correspondence (Probe3D), feature pictures. Settings: config.yaml, section eval. stdout: the result,
+a JSON line (one per memory size of a sweep), then appended to --out (pca: the picture folder); notes go to stderr.
 
     python evaluate.py --ckpt runs/neco/last.pt --task voc_incontext [--teacher]   # a train.py run (its EMA teacher)
     python evaluate.py --ckpt neco_vits14_reg.pth --task ade_linear                # a bare state_dict file
     python evaluate.py --ckpt hub:dinov2_vits14_reg --task spair_correspondence    # the official DINOv2 weights
     python evaluate.py --ckpt runs/demo/last.pt --task voc_incontext --demo        # the offline demo, CPU
+    python evaluate.py --ckpt runs/neco/last.pt --task pca --images photos/ --out vis/   # PNGs: vis/*.png
     python evaluate.py ... --set eval.incontext.memory_size=[102400,1024000] eval.incontext.fraction=0.125
-
-stdout holds the result, a JSON line (one per memory size of a sweep), printed first and then appended to --out;
-notes, warnings and progress go to stderr. Settings: config.yaml, section eval.
 """
 import argparse
 import functools
@@ -27,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.io import encode_png
+from torchvision.ops import Permute
 from torchvision.transforms import v2
-from torchvision.utils import draw_segmentation_masks, make_grid
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 from tqdm import tqdm
 
 import data
@@ -41,7 +40,8 @@ TASKS = {"voc_incontext": ("incontext", "voc"), "ade_incontext": ("incontext", "
          "coco_things_linear": ("linear", "coco_things"), "coco_stuff_linear": ("linear", "coco_stuff"),
          "voc_cluster": ("cluster", "voc"), "coco_things_cluster": ("cluster", "coco_things"),
          "cityscapes_incontext": ("incontext", "cityscapes"), "coco_things_incontext": ("incontext", "coco_things"),
-         "coco_stuff_incontext": ("incontext", "coco_stuff"), "spair_correspondence": ("spair", "spair")}
+         "coco_stuff_incontext": ("incontext", "coco_stuff"), "spair_correspondence": ("spair", "spair"),
+         "pca": ("pca", "voc")}  # pictures of the images under --images (default: eval.roots.voc)
 # the in-context presets: the reference Hummingbird evaluator (the published numbers) and DIP's variant of it
 PROTOCOLS = {"hbird": {"temperature": 0.02, "normalize": True, "score": "hbird"},
              "dip": {"temperature": 0.07, "normalize": False, "score": "dip"}}
@@ -49,12 +49,9 @@ PROTOCOLS = {"hbird": {"temperature": 0.02, "normalize": True, "score": "hbird"}
 class UserError(Exception):
     """A mistake the user can fix (path, checkpoint, setting): one line on stderr, exit status 2."""
 
-# -----------------------------------------------------------------------------
-# in-context segmentation: a memory of labelled train patches, exact k-NN search, soft label transfer, scoring
+# ---- in-context segmentation: a memory of labelled train patches, exact k-NN search, soft label transfer, scoring
 def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, precision, n_vis=0):
-    """Val patches take the labels of their k nearest memory patches; scored every way from one confusion matrix. A
-    sweep (a list of memory sizes) builds the largest memory: each smaller one is a prefix of every image's patches.
-    -> [(per-class IoU, mIoU, picture rows (image, gt, pred), extra result keys)], one per size."""
+    """Val patches take their k nearest memory patches' labels -> [(IoUs, mIoU, pictures, keys)] per memory size."""
     torch.manual_seed(s["seed"])  # the memory augmentation draws from the global generator
     C, size, p, protocol = val_set.num_classes, s["image_size"], backbone.patch_size, PROTOCOLS[s["protocol"]]
     sizes = s["memory_size"] if isinstance(s["memory_size"], list) else [s["memory_size"]]
@@ -76,15 +73,13 @@ def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, pre
             pred = bilinear(probs.reshape(B, h, w, C).permute(0, 3, 1, 2), size).argmax(1).cpu()  # (B, S, S)
             confs[i] += confusion_matrix(pred, masks, C, 255)  # only void dropped: every scoring starts from this
             vis += list(zip(images, masks, pred))[:n_vis - len(vis)] if i == 0 else []  # the first size's
-    scores = [incontext_scores(conf, val_set.ignore_index) for conf in confs]
     return [(*sc[protocol["score"]], vis, {"protocol": s["protocol"], "temperature": temperature, "memory_size": m,
                                           "memory_patches": len(mem[0]),
                                           "miou_variants": {name: 100 * v for name, (_, v) in sc.items()}})
-            for m, mem, sc in zip(sizes, memories, scores)]
+            for m, mem, sc in zip(sizes, memories, (incontext_scores(c, val_set.ignore_index) for c in confs))]
 
 def memory_per_image(memory_size, n_images, aug_epochs, n_patches):
-    """Patches kept per image and pass: a memory_size budget (None: all) spread evenly, capped at an image's patches
-    (the reference does not cap it, and fails on small subsets)."""
+    """Patches per image and pass: the budget (None: all) spread evenly, capped at n_patches (unlike the reference)."""
     return n_patches if memory_size is None else max(1, min(n_patches, memory_size // (n_images * max(aug_epochs, 1))))
 
 @torch.no_grad()
@@ -93,9 +88,8 @@ def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memor
     """Keys (M, D), L2-normalised unless normalize is False, fp16 on GPU, and labels (M, C), pixel counts per patch.
     A memory_size budget (None: every patch) is filled by the rare-class sampler, each image's patches rarest first."""
     p, passes = backbone.patch_size, max(aug_epochs, 1)  # aug_epochs 0: one plain pass
-    n_patches = (image_size // p) ** 2
-    per_image = memory_per_image(memory_size, len(dataset), aug_epochs, n_patches)
-    total, generator = per_image * len(dataset) * passes, torch.Generator().manual_seed(seed)
+    per_image = memory_per_image(memory_size, len(dataset), aug_epochs, (image_size // p) ** 2)
+    total, generator, filled = per_image * len(dataset) * passes, torch.Generator().manual_seed(seed), 0
     key_dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     keys = torch.empty(total, backbone.embed_dim, dtype=key_dtype, device=device)  # filled in place: no cat peak
     labels = torch.empty(total, num_classes, dtype=torch.uint8 if p * p < 256 else torch.int32, device=device)
@@ -104,7 +98,6 @@ def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memor
               for k in ("brightness", "contrast", "saturation", "hue")]
     transform = (v2.Compose([*jitter, v2.RandomResizedCrop(image_size, scale=(0.5, 2.0))]) if aug_epochs > 0
                  else v2.Resize((image_size, image_size)))
-    filled = 0
     for epoch in range(passes):
         for images, masks in batches(dataset, transform, batch_size, num_workers, f"memory pass {epoch + 1}/{passes}"):
             feats = patch_features(backbone, images.to(device), precision).flatten(1, 2)  # (B, N, D)
@@ -137,8 +130,7 @@ def rare_class_sample(counts, n_keep, generator=None):
     return score.topk(min(n_keep, counts.shape[1]), dim=1, largest=False).indices  # sorted: the rarest first
 
 def knn_transfer(queries, keys, labels, k, temperature, key_half_sq_norms=None):
-    """(Q, C): the labels of the k nearest keys weighted by softmax(cosine / temperature). Nearest by cosine (normalised
-    keys, the reference), or by Euclidean distance on raw features given their |k|^2 / 2 (M,) (DIP)."""
+    """(Q, C): the k nearest keys' labels weighted by softmax(cosine / T); nearest by cosine, or by distance (DIP)."""
     if key_half_sq_norms is None:
         cosine, idx = topk_inner_product(F.normalize(queries, dim=-1), keys, k)  # (Q, k) each
     else:
@@ -176,8 +168,7 @@ def incontext_scores(conf, ignore_index):
             "hungarian_nanmean": score(conf, ignore_index, match=True, over_all=False),
             "plain": score(conf, ignore_index, over_all=False), "dip": score(conf, over_all=False)}
 
-# -----------------------------------------------------------------------------
-# linear segmentation (the Leopart protocol): a 1x1 conv on the frozen tokens
+# ---- linear segmentation (the Leopart protocol): a 1x1 conv on the frozen tokens
 def evaluate_linear(backbone, train_set, val_set, s, device, num_workers, precision, n_vis=0):
     """Headline: the best epoch's val mIoU at out_size (the reference's); the last epoch and full resolution beside."""
     C, ignore, size = val_set.num_classes, val_set.ignore_index, s["image_size"]
@@ -186,51 +177,40 @@ def evaluate_linear(backbone, train_set, val_set, s, device, num_workers, precis
     val_feats, val_masks, shown = all_features(backbone, loader, device, precision, n_vis=n_vis)
     # the reference scores masks nearest-downsampled to 100 x 100 (in chunks: the float copy of 448 px masks is big)
     val_small = torch.cat([resize_nearest(m, out).to(torch.uint8) for m in val_masks.split(256)])
-
-    def val_batches(masks=val_small):
-        return zip(val_feats.split(bs), masks.split(bs))
-
     if s["train_aug"]:  # the protocol: a fresh augmented crop of every image each epoch, features recomputed
         augment = v2.Compose([v2.RandomResizedCrop(size, scale=(0.8, 1.0)), v2.RandomHorizontalFlip()])
-
         def train_epoch(epoch):
             for images, masks in batches(train_set, augment, bs, num_workers, f"epoch {epoch + 1}", shuffle=True):
                 yield patch_features(backbone, images.to(device), precision), resize_nearest(masks, out)
     else:  # no augmentation: every epoch sees the same inputs, so compute the features once
         loader = batches(train_set, v2.Resize((size, size)), bs, num_workers, "train features")
         train_feats, train_masks, _ = all_features(backbone, loader, device, precision, out)
-
         def train_epoch(epoch):
             for batch in torch.randperm(len(train_feats)).split(bs):
                 yield train_feats[batch], train_masks[batch]
-
-    head, history = train_linear_head(train_epoch, val_batches, backbone.embed_dim, C, ignore, s, device)
+    head, history = train_linear_head(train_epoch, lambda: zip(val_feats.split(bs), val_small.split(bs)),
+                                      backbone.embed_dim, C, ignore, s, device)
     mious = [score(conf, ignore)[1] for conf in history]  # the reference's mean: all classes, ADE20k's 0 as 0
     best = max(range(len(mious)), key=mious.__getitem__)
-    full = score(linear_confusion(head, val_batches(val_masks), C, ignore, device), ignore)[1]
+    full = score(linear_confusion(head, zip(val_feats.split(bs), val_masks.split(bs)), C, ignore, device), ignore)[1]
     vis = [(*pair, p) for pair, p in zip(shown, linear_maps(head, val_feats[:n_vis].to(device).float(), size))]
     return [(score(history[best], ignore)[0], mious[best], vis, {
         "mode": "augmented (features per epoch)" if s["train_aug"] else "cached features (no augmentation)",
         "miou_last": 100 * mious[-1], "miou_last_full_res": 100 * full, "best_epoch": best + 1,
         "scored_at": f"{out}x{out}"})]
 
-class LinearHead(nn.Conv2d):
+def linear_head(dim, num_classes, out_size=100):
     """Tokens (B, h, w, D) -> logits (B, C, out, out): a 1x1 conv, then bilinear upsampling (as upsample-then-conv:
     both are linear and the bilinear weights sum to one; but at C instead of D channels on the 100 x 100 grid)."""
-
-    def __init__(self, dim, num_classes, out_size=100):
-        super().__init__(dim, num_classes, 1)
-        self.out_size = out_size
-        nn.init.normal_(self.weight, std=0.01)
-        nn.init.zeros_(self.bias)
-
-    def forward(self, feats):
-        return bilinear(super().forward(feats.permute(0, 3, 1, 2)), self.out_size)
+    conv = nn.Conv2d(dim, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(Permute([0, 3, 1, 2]), conv, nn.Upsample(size=(out_size, out_size), mode="bilinear"))
 
 def train_linear_head(train_epoch, val_batches, dim, num_classes, ignore_index, s, device):
     """SGD with a step decay on train_epoch(epoch)'s (tokens, targets) -> (head, val confusion after every epoch)."""
     torch.manual_seed(s["seed"])
-    head = LinearHead(dim, num_classes, s["out_size"]).to(device)
+    head = linear_head(dim, num_classes, s["out_size"]).to(device)
     opt = torch.optim.SGD(head.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
     history = []
     for epoch in tqdm(range(s["epochs"]), desc="linear epochs"):
@@ -261,61 +241,47 @@ def linear_confusion(head, batches, num_classes, ignore_index, device):
 def linear_maps(head, feats, size):
     return bilinear(head(feats), size).argmax(1).cpu()  # (B, size, size): the logits upsampled to the mask size
 
-# -----------------------------------------------------------------------------
-# clustering: standardise, PCA, K-means (as faiss runs it), clusters matched to classes
+# ---- clustering: standardise, PCA, K-means (as faiss runs it), clusters matched to classes
 def evaluate_cluster(backbone, val_set, s, device, num_workers, precision, n_vis=0):
     """K-means of all val patch tokens per K and seed, clusters matched to classes; mIoU per K averaged over seeds."""
     C, ignore, size = val_set.num_classes, val_set.ignore_index, s["image_size"]
     loader = batches(val_set, v2.Resize((size, size)), s["batch_size"], num_workers, "val features")
     feats, gts, shown = all_features(backbone, loader, device, precision, s["gt_size"], cache_on_cpu=False, n_vis=n_vis)
-    n, h, w, D = feats.shape
-    x, keep = standardize_pca(feats.reshape(-1, D), s["pca_dim"]), gts != ignore  # (n*h*w, 50), (n, 100, 100)
+    (n, h, w, D), keep = feats.shape, gts != ignore  # keep: (n, 100, 100); StandardScaler (population std), PCA to 50
+    x = principal_components(feats.flatten(0, 2) / feats.std((0, 1, 2), unbiased=False).clamp_min(1e-8), s["pca_dim"])
     by_k, headline = {}, None
     for K in [C if K == 0 else K for K in s["ks"]]:
         if K > len(x):  # the pre-check counted val images that turned out unreadable
             raise UserError(f"config key 'eval.cluster.ks': K={K} is more than the {len(x)} val patches")
-        ious, mious = [], []
+        runs = []  # (per-class IoU, mIoU) per seed
         for seed in tqdm(range(s["seeds"]), desc=f"K-means K={K}", leave=False):
             assign, _, _ = kmeans(x, K, seed, s["iters"], s["redo"], s["max_points_per_centroid"])
             clusters = resize_nearest(assign.reshape(n, h, w).cpu(), s["gt_size"])  # (n, 100, 100)
             cluster_conf = torch.bincount(clusters[keep] * C + gts[keep], minlength=K * C).reshape(K, C)
             mapping, conf = match_clusters(cluster_conf)
-            iou, miou = score(conf, ignore)  # the reference's mean, over all classes
-            ious.append(iou)
-            mious.append(miou)
+            runs.append(score(conf, ignore))  # the reference's mean, over all classes
             if headline is None and seed == 0:  # the picture shows the first K, seed 0
                 vis = [(*pair, mapping[p]) for pair, p in zip(shown, resize_nearest(clusters[:n_vis], size))]
-        m = torch.tensor(mious, dtype=torch.float64)
-        headline = headline or (torch.stack(ious).nanmean(0), m.mean().item())  # the first K, averaged over seeds
+        m = torch.tensor([miou for _, miou in runs], dtype=torch.float64)
+        headline = headline or (torch.stack([iou for iou, _ in runs]).nanmean(0), m.mean().item())  # the first K
         by_k[str(K)] = {"miou": 100 * m.mean().item(), "miou_std": 100 * m.std(unbiased=False).item(),
-                        "matching": "hungarian" if K == C else "many-to-one", "seeds": len(mious)}
+                        "matching": "hungarian" if K == C else "many-to-one", "seeds": len(runs)}
     return [(*headline, vis, {"by_k": by_k})]
-
-def standardize_pca(x, dim=50):
-    """(n, D) -> (n, min(dim, D)): zero mean and unit variance per feature (population std, as the reference's
-    StandardScaler), then the top principal axes."""
-    x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-8)
-    cov = sum(xc.T.double() @ xc.double() for xc in x.split(262144)) / max(len(x) - 1, 1)  # (D, D), float64
-    return x @ torch.linalg.eigh(cov)[1][:, -dim:].flip(1).to(x.dtype)  # eigh: ascending eigenvalues
 
 def kmeans(x, k, seed=0, iters=100, redo=5, max_points_per_centroid=256):
     """faiss.Kmeans(d, k, niter=iters, nredo=redo, seed=seed) as the public NeCo code runs it, on a sample of at most
     k * max_points_per_centroid of x (n >= k, d) -> (every point's assignment (n,), centroids (k, d), objective)."""
-    train = x
-    if len(x) > k * max_points_per_centroid:
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k * max_points_per_centroid]
-        train = x[pick.to(x.device)]
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k * max_points_per_centroid]
+    train = x[pick.to(x.device)] if len(x) > k * max_points_per_centroid else x
     runs = [lloyd(train, k, seed + 1 + r * 15486557, iters) for r in range(redo)]  # faiss's seed of restart r
     centroids, objective = min(runs, key=lambda run: run[1])  # the first of equal objectives
     return nearest_centroid(x, centroids)[0], centroids, objective
 
 def lloyd(x, k, seed, iters):
-    """One faiss K-means run from k random points of x (n, d), up to iters rounds of assign + update -> (centroids
-    (k, d), objective: the sum of squared distances at the last assignment, inf for iters 0)."""
+    """One faiss K-means run from k random points of x (n, d) -> (centroids (k, d), the last assignment's objective)."""
     gen = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(len(x), generator=gen)[:k].to(x.device)].clone()
-    sign = torch.ones(x.shape[1], device=x.device)
-    sign[1::2] = -1  # faiss's "small symmetric perturbation"
+    sign = 1 - 2 * (torch.arange(x.shape[1], device=x.device) % 2)  # 1, -1, 1, ...: faiss's "symmetric perturbation"
     previous, objective = None, math.inf
     for _ in range(iters):
         assign, dist = nearest_centroid(x, centroids)
@@ -325,12 +291,10 @@ def lloyd(x, k, seed, iters):
         counts = torch.bincount(assign, minlength=k).double().cpu()
         centroids = torch.zeros_like(centroids).index_add_(0, assign, x) / counts.clamp_min(1).to(x)[:, None]
         for empty in (counts == 0).nonzero().flatten().tolist():  # takes over half of a cluster drawn by size
-            weights = (counts - 1).clamp_min(0)
-            donor = torch.multinomial(weights, 1, generator=gen).item() if weights.sum() > 0 else counts.argmax().item()
+            donor = torch.multinomial((counts - 1).clamp_min(0), 1, generator=gen).item()  # some count > 1: n >= k
             centroids[empty] = centroids[donor] * (1 + sign / 1024)
             centroids[donor] *= 1 - sign / 1024
-            counts[empty] = counts[donor] / 2
-            counts[donor] -= counts[empty]
+            counts[empty] = counts[donor] = counts[donor] / 2
         previous = assign
     return centroids, objective
 
@@ -342,13 +306,10 @@ def nearest_centroid(x, centroids, chunk=65536):
         out.append((i, ((xc * xc).sum(1) - 2 * s).clamp_min(0)))
     return torch.cat([i for i, _ in out]), torch.cat([d for _, d in out])
 
-# -----------------------------------------------------------------------------
-# SPair-71k semantic correspondence, the Probe3D protocol: a source keypoint's descriptor finds its best target patch
+# ---- SPair-71k correspondence, the Probe3D protocol: a source keypoint's descriptor finds its best target patch
 def evaluate_spair(backbone, root, s, device, precision):
-    """Recall of the transferred keypoints per threshold and viewpoint bin (pooled over a (category, bin)'s keypoints,
-    then the plain mean over categories), per category, with the pair and keypoint counts behind every number."""
-    chosen, size = data.spair_pairs(root, s["split"], s["pairs_per_bin"]), s["image_size"]
-    errors = {}  # pair name -> (n,) errors of its keypoints visible in both images
+    """Keypoint recall per threshold and viewpoint bin (pooled per category, then averaged), with the counts."""
+    chosen, size, errors = data.spair_pairs(root, s["split"], s["pairs_per_bin"]), s["image_size"], {}  # pair -> (n,)
     for category in sorted({c for c, _ in chosen}):
         views = {}  # image name -> (L2-normalised patch tokens (h, w, D), keypoints (K, 3)): each image once
         pairs = {p["filename"]: p for (c, _), ps in chosen.items() if c == category for p in ps}
@@ -371,9 +332,8 @@ def evaluate_spair(backbone, root, s, device, precision):
                           for key, ps in chosen.items()}, s["thresholds"])
 
 def keypoint_errors(feats_s, kps_s, feats_t, kps_t, size, box_scale, centre=False):
-    """Tokens (h, w, D), keypoints (K, 3) (x, y, visible; size x size pixels) of the source and target -> (n,) errors
-    of the keypoints visible in both: the source descriptor (bilinear, align_corners) picks the target cell of largest
-    dot product (its top-left corner, or centre); the distance to the truth over box_scale, in image sides."""
+    """Source and target tokens (h, w, D), keypoints (K, 3) (x, y, visible; in size x size px) -> (n,) errors of those
+    visible in both: the bilinear source descriptor's best target cell (corner or centre) to the truth, / box_scale."""
     both = (kps_s[:, 2] == 1) & (kps_t[:, 2] == 1)
     xy_s, xy_t = kps_s[both, :2].float() / size, kps_t[both, :2].float() / size  # (n, 2) in [0, 1]
     h, w, D = feats_t.shape
@@ -384,8 +344,7 @@ def keypoint_errors(feats_s, kps_s, feats_t, kps_t, size, box_scale, centre=Fals
     return (pred - xy_t).norm(dim=1) / box_scale
 
 def spair_recalls(errors, thresholds):
-    """{(category, bin): [(n,) errors per pair]} -> recall (%) per threshold and bin (the mean over the categories with
-    keypoints), per category, and the pair and keypoint counts. A keypoint is correct if its error < threshold."""
+    """{(category, bin): [(n,) errors per pair]} -> recall (%) (error < t) per threshold, bin and category; counts."""
     pooled = {key: torch.cat(e) if e else torch.empty(0) for key, e in errors.items()}
     result = {"recall": {}, "per_category": {}, **{n: {b: {} for b in data.SPAIR_BINS} for n in ("pairs", "keypoints")}}
     for (c, b), e in pooled.items():
@@ -397,22 +356,58 @@ def spair_recalls(errors, thresholds):
         result["recall"][str(t)] = {b: sum(v.values()) / len(v) if v else None for b, v in per.items()}
     return result
 
-# -----------------------------------------------------------------------------
-# shared machinery: loaders, features, resizing, mIoU from one confusion matrix, matching
+# ---- feature pictures: the first principal components of the patch tokens as colours, and one patch's similarity map
+def feature_pictures(backbone, shown, s, device, precision, out_dir):
+    """(name, image) pairs -> a PNG each, image | 3 principal components (fitted jointly) | query similarity; a grid."""
+    size, p = s["image_size"], backbone.patch_size
+    col, row = [min(int(float(v) * (size // p)), size // p - 1) for v in s["query"].split(",")]  # the patch under it
+    images = torch.stack([v2.functional.resize(image, [size, size], antialias=True) for _, image in shown])
+    feats = patch_features(backbone, images.to(device), precision).cpu()  # (n, h, w, D)
+    x = F.normalize(feats, dim=-1)
+    sim = minmax((x @ x[0, row, col]).flatten()).reshape(*x.shape[:3], 1).expand(-1, -1, -1, 3)  # (n, h, w, 3)
+    maps = torch.cat([pca_rgb(feats, s["foreground_threshold"]), sim], -1).permute(0, 3, 1, 2)  # (n, 6, h, w)
+    maps = (255 * F.interpolate(maps, size=(size, size), mode="nearest")).round().to(torch.uint8)  # (n, 6, S, S)
+    images[0] = draw_bounding_boxes(images[0], torch.tensor([[col, row, col + 1, row + 1]]) * p, colors="red", width=2)
+    rows = [[image, m[:3], m[3:]] for image, m in zip(images, maps)]
+    written = [out_dir / name for name, _ in shown] + [out_dir / "grid.png"]
+    for path, tiles in zip(written, rows + [sum(rows, [])]):
+        write_grid(tiles, path)
+        print(f"wrote {path}", file=sys.stderr)
+    return {"files": [str(f) for f in written], "query_patch": [col, row], "n_images": len(rows)}
+
+def pca_rgb(feats, threshold=None):
+    """Tokens (n, h, w, D) -> RGB (n, h, w, 3): 3 principal components, min-max scaled; threshold: of the foreground."""
+    x, fg = feats.flatten(0, 2).double(), torch.ones(feats.shape[:3].numel(), dtype=torch.bool)  # (M, D), (M,)
+    if threshold is not None:  # DINOv2's demos: the background black
+        first = principal_components(x, 1).reshape(feats.shape[:3])  # (n, h, w), signed: the borders low
+        first = first if first[:, [0, -1]].mean() + first[:, :, [0, -1]].mean() < 2 * first.mean() else -first
+        fg = minmax(first.flatten()) > threshold
+    out = torch.zeros(len(x), 3, dtype=torch.float64)
+    out[fg] = minmax(principal_components(x[fg], 3))
+    return out.float().reshape(*feats.shape[:3], 3)
+
+def principal_components(x, k):
+    """(M, D) -> (M, min(k, D)): x centred, on its top k principal axes (each signed: its largest loading positive)."""
+    x = x - x.mean(0)
+    cov = sum(xc.T.double() @ xc.double() for xc in x.split(262144))  # (D, D), float64, in chunks
+    axes = torch.linalg.eigh(cov)[1][:, -k:].flip(1)  # eigh: ascending eigenvalues
+    return x @ (axes * axes.gather(0, axes.abs().argmax(0, keepdim=True)).sign()).to(x.dtype)
+
+def minmax(x):
+    return (x - x.amin(0)) / (x.amax(0) - x.amin(0)).clamp_min(1e-12)  # each column to [0, 1]
+
+# ---- shared machinery: loaders, features, resizing, mIoU from one confusion matrix, matching
 def batches(dataset, transform, batch_size, num_workers, desc=None, shuffle=False):
-    """(images uint8 (B, 3, S, S), masks (B, S, S)). An undecodable file is skipped, named once and counted; wrong
-    data (a missing file, a label outside the classes, image and mask sizes that differ) stops the run."""
+    """(images uint8 (B, 3, S, S), masks (B, S, S)); undecodable files skipped, named, counted; wrong data stops."""
     loader = torch.utils.data.DataLoader(range(len(dataset)), batch_size, shuffle=shuffle, num_workers=num_workers,
                                          collate_fn=functools.partial(load_batch, dataset, transform))
     for batch, failed in tqdm(loader, desc=desc, leave=False):
-        for e in failed:
-            skip_unreadable(e)
+        skip_unreadable(*failed)
         if batch is not None:
             yield batch
 
 def load_batch(dataset, transform, indices):
-    """In a loader worker: the readable items through the joint v2 transform (image bilinear with antialias, mask
-    nearest), collated, or None; and the errors of the others, for the main process to judge."""
+    """In a loader worker: the readable items through the joint v2 transform, collated (or None); the others' errors."""
     items, failed = [], []
     for i in indices:
         try:
@@ -426,13 +421,14 @@ def load_batch(dataset, transform, indices):
 
 UNREADABLE = set()  # messages of the files skipped in this run (reset by run, counted in the result)
 
-def skip_unreadable(e):
-    """Name and count an undecodable file once (memory passes meet it again); a data error stops the run."""
-    if isinstance(e, (ValueError, FileNotFoundError)):
-        raise UserError(str(e))
-    if str(e) not in UNREADABLE:
-        print(f"warning: skipping unreadable file ({e})", file=sys.stderr, flush=True)
-        UNREADABLE.add(str(e))
+def skip_unreadable(*errors):
+    """Name and count each undecodable file once (memory passes meet it again); a data error stops the run."""
+    for e in errors:
+        if isinstance(e, (ValueError, FileNotFoundError)):
+            raise UserError(str(e))
+        if str(e) not in UNREADABLE:
+            print(f"warning: skipping unreadable file ({e})", file=sys.stderr, flush=True)
+            UNREADABLE.add(str(e))
 
 @torch.no_grad()
 def patch_features(backbone, images, precision="fp32", last_block=False, pad=False):
@@ -448,8 +444,7 @@ def patch_features(backbone, images, precision="fp32", last_block=False, pad=Fal
     return tokens.float().reshape(len(x), x.shape[2] // p, x.shape[3] // p, -1)  # (B, h, w, D)
 
 def all_features(backbone, batches, device, precision, mask_size=None, cache_on_cpu=True, n_vis=0):
-    """Tokens (n, h, w, D) (fp16 on the CPU, or fp32 on the device), masks (n, S, S) uint8 (nearest to mask_size),
-    and the first n_vis (image, mask) pairs for the picture."""
+    """Tokens (n, h, w, D) (CPU fp16 or device fp32), masks (n, S, S) uint8 (nearest), the first n_vis (image, mask)."""
     feats, masks, shown = [], [], []
     for images, m in batches:
         f = patch_features(backbone, images.to(device), precision)
@@ -471,9 +466,8 @@ def confusion_matrix(pred, gt, num_classes, ignore_index):
     return torch.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 def score(conf, ignore_index=None, match=False, over_all=True):
-    """(per-class IoU, nan for an empty union; mIoU) of a (C, C) confusion, rows GT. A class ignore_index (ADE20k's 0)
-    loses its GT row (a prediction of it stays wrong) and its place in the mean. match: Hungarian renaming first.
-    over_all: the reference evaluators' mean over all C classes, an empty union as 0 (ADE20k: the 150 IoUs / 151)."""
+    """(per-class IoU, nan if no union; mIoU) of a (C, C) confusion, rows GT; ignore_index (ADE20k's 0) loses its row
+    and its place in the mean; match: Hungarian first; over_all: the reference's mean, no union as 0 (ADE20k: / 151)."""
     ignored = torch.tensor([ignore_index]) if ignore_index is not None and 0 <= ignore_index < len(conf) else None
     conf = conf if ignored is None else conf.index_fill(0, ignored, 0)
     conf = (match_clusters(conf.T)[1] if match else conf).double()
@@ -483,16 +477,14 @@ def score(conf, ignore_index=None, match=False, over_all=True):
     return iou, (kept.nan_to_num(0.0).mean() if over_all else kept.nanmean()).item()
 
 def match_clusters(conf):
-    """(K, C) cluster-by-class counts -> (class of each cluster, (C, C) confusion). K = C: Hungarian on IoU; other K:
-    many-to-one by precision |cluster & class| / |cluster| (the row's argmax)."""
+    """(K, C) cluster x class counts -> (class per cluster, (C, C) confusion): Hungarian on IoU (K = C) or precision."""
     (K, C), d = conf.shape, conf.double()
     iou = d / (d.sum(1, keepdim=True) + d.sum(0, keepdim=True) - d).clamp_min(1)  # (K, C)
     mapping = hungarian(-iou) if K == C else conf.argmax(1)
     return mapping, torch.zeros(C, C, dtype=conf.dtype).index_add_(1, mapping, conf.T)
 
 def hungarian(cost):
-    """Exact min-cost assignment of the rows of an (n, m) cost, n <= m, to distinct columns -> (n,): shortest
-    augmenting paths with potentials, O(n^2 m) (scipy is not a dependency)."""
+    """Exact min-cost assignment of the rows of an (n, m) cost, n <= m, to distinct columns -> (n,), O(n^2 m)."""
     c = cost.double().cpu().numpy()
     n, m = c.shape
     u, v = np.zeros(n + 1), np.zeros(m + 1)  # potentials; index 0 is a virtual row / column
@@ -511,14 +503,11 @@ def hungarian(cost):
             v[done] -= delta
             slack[~done] -= delta
         while j0:  # flip the augmenting path back to the root
-            owner[j0] = owner[came_from[j0]]
-            j0 = came_from[j0]
-    held, cols = owner[1:], np.zeros(n, np.int64)
-    cols[held[held > 0] - 1] = np.nonzero(held)[0]
-    return torch.from_numpy(cols)
+            owner[j0], j0 = owner[came_from[j0]], came_from[j0]
+    held = owner[1:]  # every row holds one column: the held columns, ordered by their row
+    return torch.from_numpy(np.nonzero(held)[0][np.argsort(held[held > 0])])
 
-# -----------------------------------------------------------------------------
-# checkpoints (train.py runs, bare DINOv2 / NeCo state_dicts, official weights) and pictures
+# ---- checkpoints (train.py runs, bare DINOv2 / NeCo state_dicts, official weights) and pictures
 def load_backbone(ckpt, teacher=False):
     """'hub:<name>', a train.py checkpoint (student or teacher) or a bare state_dict -> (backbone, what was loaded)."""
     try:
@@ -548,17 +537,19 @@ def load_backbone(ckpt, teacher=False):
 
 def save_vis(samples, path, num_classes, ignore_index):
     """(image uint8 (3, S, S), gt (S, S), pred (S, S)) samples -> one PNG, a row per image: image | gt | prediction."""
-    palette, classes = data.voc_palette(), torch.arange(num_classes)[:, None, None]
+    palette, classes, tiles = data.voc_palette(), torch.arange(num_classes)[:, None, None], []
     colors = [tuple(palette[3 * c:3 * c + 3]) for c in range(num_classes)]
-    tiles = []
     for image, *maps in samples:  # maps: the ground truth and the prediction
         masks = [(m.long() == classes) & (m != ignore_index) for m in maps]  # (C, S, S) bool each
         tiles += [image] + [draw_segmentation_masks(image, mask, alpha=0.6, colors=colors) for mask in masks]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))  # any file name
+    write_grid(tiles, path)
 
-# -----------------------------------------------------------------------------
-# the command line: settings, data, checks before anything heavy runs, the result line
+def write_grid(tiles, path):
+    """uint8 tiles (3, S, S), three to a row -> one PNG (written with open(): any file name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))
+
+# ---- the command line: settings, data, checks before anything heavy runs, the result line
 def eval_config(config_path, sets, demo):
     """The eval section, eval.demo applied (demo), then the --set pairs (eval.* only), checked by train.py's rules."""
     for pair in sets:
@@ -569,8 +560,8 @@ def eval_config(config_path, sets, demo):
     return cfg["eval"]
 
 def make_datasets(family, dataset, ev, s, data_root, demo):
-    """-> (data root, train set or None, val set); SPair-71k: (its root, None, None). The demo's synthetic scenes (VOC
-    layout) stand in for every segmentation set, synthetic warped pairs for SPair-71k."""
+    """-> (data root, train set or None, val set); SPair-71k: (its root, None, None); pca: (its folder, [(picture name,
+    image)], None). The demo's synthetic scenes (VOC layout) stand in for every image set, warped pairs for SPair."""
     key = dataset.split("_")[0]  # eval.roots.<key>
     if demo:
         root = (data.make_synthetic_spair(data_root or "data/synthetic_spair") if family == "spair" else
@@ -578,15 +569,24 @@ def make_datasets(family, dataset, ev, s, data_root, demo):
     else:
         root = Path(data_root or ev["roots"][key]).expanduser()
         if not root.exists():
-            raise UserError(f"data root {root} not found: pass --data-root or set eval.roots.{key} (see README for "
-                            f"the expected layout)")
+            raise UserError(f"data root {root} not found: pass {'--images' if family == 'pca' else '--data-root'} or "
+                            f"set eval.roots.{key} (see README for the expected layout)")
+    if family == "pca":  # the first images of a folder (or of a VOC root's JPEGImages), in sorted order
+        folder, shown = next((d for d in (root / "JPEGImages", root / "VOC2012/JPEGImages") if d.is_dir()), root), []
+        for f in data.list_images(folder)[:s["n_images"]]:
+            try:
+                shown.append((f"{len(shown):03d}_{f.stem}.png", data.read_image(f)))
+            except (OSError, RuntimeError) as e:
+                skip_unreadable(e)
+        if not shown:
+            raise UserError(f"no readable image under {folder} (--images)")
+        return folder, shown, None
     if family == "spair":  # the SPair-71k folder or its parent
         return (root / "SPair-71k" if (root / "SPair-71k").is_dir() else root), None, None
     name = "voc" if demo else dataset
     try:
         val_set = data.make_segmentation_dataset(name, root, "val")
-        for e in val_set.drop_unreadable():  # before anything heavy: wrong val data stops here
-            skip_unreadable(e)
+        skip_unreadable(*val_set.drop_unreadable())  # before anything heavy: wrong val data stops here
         if not val_set.ids:
             raise UserError(f"no readable val image in {val_set.image_dir}")
         if family == "cluster":
@@ -599,11 +599,11 @@ def make_datasets(family, dataset, ev, s, data_root, demo):
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
-def check_writable(path, what, flag):
-    """Refuse now, not after hours of computing, a destination that could not be written at the end."""
+def check_writable(path, what, flag, folder=False):
+    """Refuse now, not after hours of computing, a destination (a file, or a folder) that could not be written."""
     target = path if path.exists() else next(p for p in path.parents if p.exists())  # or the folder it goes in
-    if path.is_dir():
-        raise UserError(f"{what} {path} ({flag}) is a folder: pass a file path")
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{what} {path} ({flag}) is a {'file' if folder else 'folder'}: pass another path")
     if not target.is_dir() and target != path:
         raise UserError(f"{what} {path} ({flag}) lies under {target}, which is a file, not a folder")
     if not os.access(target, os.W_OK):
@@ -614,19 +614,18 @@ def run(args):
     if args.task not in TASKS:
         raise UserError(f"unknown task '{args.task}'; choose one of {', '.join(TASKS)}")
     family, dataset = TASKS[args.task]
-    config = Path(args.config).expanduser() if args.config else Path(__file__).with_name("config.yaml")
-    ev = eval_config(config, flatten_sets(args.set), args.demo)
-    s, hub = ev[family], args.ckpt.startswith("hub:")
-    hub_names = model.RELEASED  # the names with released weights
-    if hub and args.ckpt[4:] not in hub_names:
-        raise UserError(f"unknown hub model '{args.ckpt[4:]}'; choose one of {', '.join(hub_names)}")
+    ev = eval_config(Path(args.config).expanduser(), flatten_sets(args.set), args.demo)
+    s, hub, pictures = ev[family], args.ckpt.startswith("hub:"), family == "pca"
+    if hub and args.ckpt[4:] not in model.RELEASED:  # the names with released weights
+        raise UserError(f"unknown hub model '{args.ckpt[4:]}'; choose one of {', '.join(model.RELEASED)}")
     if not hub and not Path(args.ckpt).expanduser().is_file():
         raise UserError(f"checkpoint {args.ckpt} not found (a train.py last.pt, a state_dict file or hub:<name>)")
-    out = Path(args.out or ("results.jsonl" if hub else Path(args.ckpt).parent / "results.jsonl")).expanduser()
-    if args.save_vis and family == "spair":
-        raise UserError("--save-vis draws segmentation pictures; spair_correspondence has none: leave it out")
+    name = "vis" if pictures else "results.jsonl"  # pca: --out is the picture folder; its result line: stdout only
+    out = Path(args.out or (name if hub else Path(args.ckpt).parent / name)).expanduser()
+    check_writable(out, "picture folder" if pictures else "results file", "--out", folder=pictures)
     vis_path = Path(args.save_vis).expanduser() / f"{args.task}.png" if args.save_vis else None
-    check_writable(out, "results file", "--out")
+    if vis_path and family in ("spair", "pca"):
+        raise UserError(f"--save-vis draws segmentation pictures; {args.task} has none: leave it out")
     if vis_path and ev["vis_images"] < 1:
         raise ConfigError("config key 'eval.vis_images' must be an integer > 0 with --save-vis, got 0")
     if vis_path:
@@ -643,12 +642,15 @@ def run(args):
     backbone.set_pos_embed_rule(s["pos_embed_rule"])  # per family: the resizing its reference evaluator ran with
     device = pick_device(ev["device"], "eval.device")
     print(f"{args.task}: {about['arch']} on {device}", file=sys.stderr)
+    backbone, vis = backbone.to(device), None
     if family == "spair":
-        results, vis = [evaluate_spair(backbone.to(device), root, s, device, ev["precision"])], None
+        results = [evaluate_spair(backbone, root, s, device, ev["precision"])]
+    elif pictures:  # the (name, image) pairs in train_set's place
+        results = [feature_pictures(backbone, train_set, s, device, ev["precision"], out)]
     else:
         sets = (val_set,) if train_set is None else (train_set, val_set)
         evaluator = {"incontext": evaluate_incontext, "linear": evaluate_linear, "cluster": evaluate_cluster}[family]
-        results = evaluator(backbone.to(device), *sets, s, device, ev["num_workers"], ev["precision"],
+        results = evaluator(backbone, *sets, s, device, ev["num_workers"], ev["precision"],
                             ev["vis_images"] if vis_path else 0)
         vis = results[0][2]
         results = [{"miou": 100 * miou, "per_class_iou": {c: None if math.isnan(v) else round(100 * v, 4) for c, v in
@@ -667,30 +669,28 @@ def run(args):
     except (OSError, RuntimeError) as e:
         failed.append(f"picture {vis_path} ({e})")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.write("".join(line + "\n" for line in lines))
+        if not pictures:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.write("".join(line + "\n" for line in lines))
     except OSError as e:
         failed.append(f"results file {out} ({e})")
     if failed:
         raise UserError(f"could not save the {' nor the '.join(failed)}; the result line is on stdout")
-    return [json.loads(line) for line in lines]
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluation (in-context, linear, K-means, SPair-71k) of a backbone")
+    p = argparse.ArgumentParser(description="Evaluation (in-context, linear, K-means, SPair-71k, pictures) of a model")
     p.add_argument("--ckpt", required=True, help="train.py checkpoint, state_dict file, or hub:<name> (model.RELEASED)")
     p.add_argument("--task", required=True, help=", ".join(TASKS))
     p.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher of a train.py checkpoint")
-    p.add_argument("--data-root", help="dataset folder (default: eval.roots in the config)")
-    p.add_argument("--config", help="the YAML config (default: config.yaml next to evaluate.py)")
-    p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
-                   help="override eval.* keys, e.g. --set eval.incontext.memory_size=102400")
-    p.add_argument("--out", help="results file, one JSON line appended (default: results.jsonl beside the ckpt)")
+    p.add_argument("--data-root", "--images", help="dataset folder (default: eval.roots); pca: images, or a VOC root")
+    p.add_argument("--config", default=Path(__file__).with_name("config.yaml"), help="default: beside evaluate.py")
+    p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE", help="e.g. eval.incontext.k=10")
+    p.add_argument("--out", help="results file, a JSON line appended (default: results.jsonl by the ckpt); pca: folder")
     p.add_argument("--save-vis", metavar="DIR", help="write DIR/<task>.png: image | ground truth | prediction")
     p.add_argument("--demo", action="store_true", help="synthetic data in data/synthetic and small CPU settings")
-    args = p.parse_args(argv)
     try:
-        run(args)
+        run(p.parse_args(argv))
     except (UserError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -842,6 +842,11 @@ CONFIG_RULES = {
     "eval.spair.pairs_per_bin": rule(*POSITIVE_INT, optional=True), "eval.spair.pos_embed_rule": POS_EMBED,
     "eval.spair.thresholds": rule("a list of numbers > 0", lambda v: isinstance(v, list) and len(v) > 0
                                   and all(map(POSITIVE[1], v))),
+    "eval.pca.image_size": PATCHES, "eval.pca.n_images": POSITIVE_INT, "eval.pca.pos_embed_rule": POS_EMBED,
+    "eval.pca.query": rule("'x,y': fractions in [0, 1] of the image's width and height ('0.5,0.5': the centre)",
+                           lambda v: isinstance(v, str) and v.count(",") == 1 and all(
+                               x.strip().replace(".", "", 1).isdecimal() and float(x) <= 1 for x in v.split(","))),
+    "eval.pca.foreground_threshold": rule(*BELOW_ONE, optional=True),
 }
 
 def get_key(cfg, dotted):

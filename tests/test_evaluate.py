@@ -1,6 +1,6 @@
 """evaluate.py: metrics and matching against brute force, exact chunked k-NN, label transfer, the memory, the linear
-probe, K-means, every task end to end on tiny synthetic data, the CLI's errors, and the in-context protocol against
-an independent brute-force run of it."""
+probe, K-means, every task end to end on tiny synthetic data, the CLI's errors, the in-context protocol against
+an independent brute-force run of it, and the feature pictures against an SVD and cosines by hand."""
 import itertools
 import json
 import math
@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.io import decode_image, encode_jpeg, encode_png
+from torchvision.transforms import v2
 
 import data
 import evaluate
@@ -337,10 +338,10 @@ def test_linear_head_learns_separable_problem():
 
 def test_linear_scoring_at_mask_size_hand_made():
     # a 2x2 token grid: left tokens say class 0, right tokens class 1 (the head passes feature c to logit c)
-    head = evaluate.LinearHead(2, 2, out_size=4)
+    head = evaluate.linear_head(2, 2, out_size=4)
     with torch.no_grad():
-        head.weight.copy_(torch.eye(2)[:, :, None, None])
-        head.bias.zero_()
+        head[1].weight.copy_(torch.eye(2)[:, :, None, None])  # the 1x1 conv
+        head[1].bias.zero_()
     left = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     feats = torch.stack([left, 1 - left], -1)[None]  # (1, h=2, w=2, D=2)
     # full-resolution GT 8x8: columns 0, 2, 3 class 0, column 1 class 1; columns 4, 6, 7 class 1, column 5 void
@@ -356,10 +357,10 @@ def test_linear_scoring_at_mask_size_hand_made():
     assert evaluate.score(conf_full)[1] == pytest.approx(0.75)
 
 
-def test_standardize_pca_gives_uncorrelated_sorted_components():
+def test_principal_components_are_uncorrelated_and_sorted():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3
-    y = evaluate.standardize_pca(x, 4)
+    y = evaluate.principal_components(x / x.std(0), 4)  # standardised first, as the K-means evaluation does
     cov = torch.cov(y.T.double())
     assert y.shape == (2000, 4)
     torch.testing.assert_close(cov - torch.diag(cov.diag()), torch.zeros(4, 4, dtype=torch.float64), atol=1e-4,
@@ -510,7 +511,7 @@ def coco_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("task", [t for t, (family, _) in evaluate.TASKS.items() if family != "spair"])
+@pytest.mark.parametrize("task", [t for t, (family, _) in evaluate.TASKS.items() if family not in ("spair", "pca")])
 def test_task_end_to_end(task, ckpt, voc, ade_root, coco_root, cityscapes_root, tmp_path, capsys):
     root = {"voc": voc, "ade20k": ade_root, "coco_things": coco_root, "coco_stuff": coco_root,
             "cityscapes": cityscapes_root}[evaluate.TASKS[task][1]]
@@ -842,7 +843,8 @@ def test_non_finite_weights_are_refused_naming_the_first_tensor(ckpt, voc, tmp_p
 
 def test_more_clusters_than_val_patches_is_refused(ckpt, voc, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_cluster", boom)
-    rc, _, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", "voc_cluster", "--data-root", voc, "--out",
+    torch.save(ckpt[1].state_dict(), tmp_path / "bare.pth")  # no head keys: stderr holds the error line alone
+    rc, _, err = run_cli(capsys, ["--ckpt", tmp_path / "bare.pth", "--task", "voc_cluster", "--data-root", voc, "--out",
                                   tmp_path / "r.jsonl", "--set", *TINY, "eval.cluster.ks=[0,33]"])
     err = "".join(l for l in err.splitlines(True) if not l.startswith("model: ignored"))  # the head keys' note
     line = one_error_line(rc, err)  # 2 val images x 4 x 4 patches = 32 points
@@ -1075,3 +1077,125 @@ def test_patch_features_pads_the_normalised_image_with_zeros_centred(ckpt):
     x = F.pad((images.float() / 255 - mean) / std, (4, 5, 5, 5))  # 9 columns: 4 left, 5 right; 10 rows: 5 and 5
     expected = ckpt[1].get_intermediate_layers(x, n=1, norm=False)[0].reshape(1, 5, 4, -1)
     torch.testing.assert_close(feats, expected)
+
+
+# -----------------------------------------------------------------------------
+# feature pictures: principal components as RGB, the query patch's similarity map
+
+
+def test_first_component_separates_a_synthetic_foreground():
+    g = torch.Generator().manual_seed(0)
+    fg = torch.zeros(3, 8, 8, dtype=torch.bool)
+    fg[0, 2:6, 3:7], fg[1, 1:4, 1:5], fg[2, 1:7, 1:7] = True, True, True  # the third: a foreground larger than the rest
+    a, b = torch.randn(2, 16, generator=g)
+    feats = torch.where(fg[..., None], a, b) + 0.1 * torch.randn(3, 8, 8, 16, generator=g)  # (3, 8, 8, 16)
+    for sign in (1, -1):  # whichever way the first component points, the image borders are the background
+        rgb = evaluate.pca_rgb(sign * feats, threshold=0.5)
+        assert rgb.shape == (3, 8, 8, 3) and torch.equal(rgb.amax(-1) > 0, fg)  # the background black
+    plain = evaluate.pca_rgb(feats)
+    assert plain.shape == (3, 8, 8, 3) and plain.amin() == 0 and plain.amax() == 1
+    first = plain[..., 0]  # without a threshold the first component alone already splits them
+    assert first[fg].min() > first[~fg].max() or first[fg].max() < first[~fg].min()
+
+
+def test_principal_components_match_an_svd():
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * torch.arange(1.0, 7.0)
+    centred = x - x.mean(0)
+    _, _, vt = torch.linalg.svd(centred, full_matrices=False)
+    axes = vt[:3].T  # (6, 3), by decreasing singular value
+    axes = axes * torch.sign(axes[axes.abs().argmax(0), torch.arange(3)])  # the sign: the largest loading positive
+    torch.testing.assert_close(evaluate.principal_components(x, 3), centred @ axes)
+    y = evaluate.principal_components(x.float(), 3)  # float32 input: the covariance still in float64
+    assert y.dtype == torch.float32 and torch.allclose(y.double(), centred @ axes, atol=1e-4)
+
+
+def tiles_of(png, n_tiles, size):
+    """The tiles of a make_grid row picture (4 px padding): [(3, size, size)]."""
+    row = decode_image(str(png))
+    return [row[:, 4:4 + size, 4 + i * (size + 4):4 + i * (size + 4) + size] for i in range(n_tiles)]
+
+
+def test_pca_pictures_are_written_deterministic_and_listed(ckpt, voc, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(voc / "JPEGImages", images / "nested")  # searched recursively
+    (images / "nested" / "syn_00001.jpg").write_bytes(b"not an image")  # skipped and counted
+    results = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        argv = ["--ckpt", ckpt[0], "--task", "pca", "--images", images, "--out", out, "--set", "eval.device=cpu",
+                "eval.pca.image_size=56", "eval.pca.n_images=4", "eval.pca.query=0.6,0.3"]
+        rc, result, err = run_cli(capsys, argv)
+        assert rc == 0, err
+        assert err.count("wrote ") == 4 and err.count("syn_00001.jpg") == 1 and not (out / "results.jsonl").exists()
+        results.append(result)
+    names = ["000_syn_00000.png", "001_syn_00002.png", "002_syn_00003.png", "grid.png"]
+    assert [Path(f).name for f in results[0]["files"]] == names and results[0]["n_unreadable"] == 1
+    assert results[0]["query_patch"] == [2, 1] and results[0]["n_images"] == 3  # 56 px: 4 x 4 patches
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert decode_image(str(tmp_path / "a" / names[0])).shape == (3, 56 + 8, 3 * 56 + 16)  # image | pca | similarity
+    assert decode_image(str(tmp_path / "a" / "grid.png")).shape == (3, 3 * 56 + 16, 3 * 56 + 16)
+    # the similarity tiles against cosines by hand: float64, every patch of every image against the query patch
+    mean, std = (torch.tensor(v)[:, None, None] for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    shown = [images / "nested" / f"syn_0000{i}.jpg" for i in (0, 2, 3)]
+    x = torch.stack([v2.functional.resize(data.read_image(f), [56, 56], antialias=True) for f in shown])
+    with torch.no_grad():
+        tokens = ckpt[1].forward_features((x / 255 - mean) / std)["x_norm_patchtokens"].double()  # (3, 16, D)
+    query = tokens[0, 1 * 4 + 2]  # row 1, column 2
+    cosine = torch.tensor([[(t @ query / (t.norm() * query.norm())).item() for t in image] for image in tokens])
+    expected = 255 * (cosine - cosine.min()) / (cosine.max() - cosine.min())  # scaled over all the images
+    for i, name in enumerate(names[:3]):
+        image, _, similarity = tiles_of(tmp_path / "a" / name, 3, 56)
+        got = similarity[0, 7::14, 7::14].double().flatten()  # patch centres, row-major
+        assert (got - expected[i]).abs().max() <= 1 and torch.equal(similarity[0], similarity[2])  # grey
+        if i == 0:  # the query patch framed in red
+            assert image[:, 14, 2 * 14 + 7].tolist() == [255, 0, 0]
+
+
+def test_pca_for_a_16_family_and_its_teacher(voc, tmp_path, capsys):
+    torch.manual_seed(0)
+    pair = [nn.ModuleDict({"backbone": model.build_backbone("dinov3_vit_tiny16")}) for _ in range(2)]
+    torch.save({"student": pair[0].state_dict(), "teacher": pair[1].state_dict(), "step": 1,
+                "config": {"model": {"arch": "dinov3_vit_tiny16", "num_register_tokens": 4}}}, tmp_path / "last.pt")
+    grids = []
+    for teacher in ([], ["--teacher"]):
+        rc, result, err = run_cli(capsys, ["--ckpt", tmp_path / "last.pt", "--task", "pca", "--images", voc.parent,
+                                           "--out", tmp_path / "vis", "--set", "eval.device=cpu",
+                                           "eval.pca.image_size=56", "eval.pca.n_images=2",
+                                           "eval.pca.foreground_threshold=0.5", *teacher])
+        assert rc == 0, err
+        assert result["arch"] == "dinov3_vit_tiny16" and result["weights"] == ("teacher" if teacher else "student")
+        assert result["settings"]["image_size"] == 64 and result["query_patch"] == [2, 2]  # 56 -> 64 px: 4 x 4
+        assert decode_image(result["files"][0]).shape == (3, 64 + 8, 3 * 64 + 16)
+        grids.append((tmp_path / "vis" / "grid.png").read_bytes())
+    assert grids[0] != grids[1]  # the teacher's own weights
+
+
+@pytest.mark.parametrize("case", ["out_file", "out_under_file", "out_read_only", "save_vis", "no_images"])
+def test_pca_bad_destination_or_images_refused_before_the_backbone_loads(case, ckpt, voc, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setattr(evaluate, "load_backbone", boom)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "empty").mkdir()
+    out, images, extra = tmp_path / "vis", voc, []
+    if case == "out_file":
+        out = tmp_path / "a_file"
+    elif case == "out_under_file":
+        out = tmp_path / "a_file" / "vis"
+    elif case == "out_read_only":
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != tmp_path / "locked"
+                            and real_access(path, mode, **kw))
+        out = tmp_path / "locked" / "vis"
+    elif case == "save_vis":
+        extra = ["--save-vis", tmp_path / "pictures"]
+    else:
+        images = tmp_path / "empty"
+    rc, _, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", "pca", "--images", images, "--out", out, *extra])
+    line = one_error_line(rc, err)
+    assert {"out_file": f"{out} (--out) is a file", "out_under_file": "which is a file",
+            "out_read_only": f"{tmp_path / 'locked'} is not writable", "save_vis": "--save-vis",
+            "no_images": "no readable image under"}[case] in line
+    assert not (tmp_path / "vis").exists() and not (tmp_path / "pictures").exists()
+    rc, _, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", "pca", "--images", voc, "--set", "eval.pca.query=3,5"])
+    assert "'eval.pca.query'" in one_error_line(rc, err)  # fractions of the side, not patch numbers
