@@ -116,15 +116,13 @@ class PatchQueue:
         self.feats.copy_(state["feats"])
         self.ptr, self.filled = list(state["ptr"]), list(state["filled"])
 
-def distributed():
-    return dist.is_available() and dist.is_initialized()
-
 def world_size():
-    return dist.get_world_size() if distributed() else 1
+    """The number of processes (torchrun); 1 without torch.distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 def all_gather_cat(x):
-    """Concatenate x over ranks in rank order (identity without torch.distributed)."""
-    if not distributed():
+    """Concatenate x over ranks in rank order."""
+    if world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
@@ -132,8 +130,8 @@ def all_gather_cat(x):
 
 def rank_slice(x, B):
     """This rank's B rows of a tensor drawn for the whole batch."""
-    rank = dist.get_rank() if distributed() else 0
-    return x[rank * B:(rank + 1) * B]
+    start = dist.get_rank() * B if world_size() > 1 else 0
+    return x[start:start + B]
 
 def make_reference_sampler(ncfg, queue, gen, B):
     """refs_for_pair(g, q_t) -> (B, num_references, out): this rank's references for global crop g."""
@@ -210,7 +208,7 @@ def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, ref
     with record_function("loss"):
         loss = neco_loss(maps_t, maps_s, boxes, refs_for_pair, cfg["neco"])
         finite = torch.isfinite(loss)
-        if distributed():  # every rank skips together
+        if world_size() > 1:  # every rank skips together
             finite = finite.float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             finite = finite > 0
@@ -252,15 +250,11 @@ def make_optimizer(student, cfg):
     return torch.optim.AdamW(param_groups(student, cfg), lr=o["lr_backbone"], betas=tuple(o["betas"]),
                              weight_decay=o["weight_decay"], fused=cfg["train"]["fused_adamw"])
 
-def cosine(start, end, step, total):
-    """Cosine from start (step 0) to end (step total), per step."""
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / total))
-
 def schedules(cfg, step, total):
-    o = cfg["optim"]
-    return {"lr_scale": cosine(1.0, 0.0, step, total),
-            "wd": cosine(o["weight_decay"], o["weight_decay_end"], step, total),
-            "momentum": cosine(o["momentum_teacher"], o["momentum_teacher_end"], step, total)}
+    """The lr scale, weight decay and teacher momentum of this step: cosine per step from start to end value."""
+    o, c = cfg["optim"], 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # 1 at step 0, 0 at total
+    return {"lr_scale": c, "wd": o["weight_decay_end"] + c * (o["weight_decay"] - o["weight_decay_end"]),
+            "momentum": o["momentum_teacher_end"] + c * (o["momentum_teacher"] - o["momentum_teacher_end"])}
 
 def set_schedule(optimizer, cfg, step, total):
     """Set the learning rates and weight decays of this step; returns the schedule values."""
@@ -272,8 +266,8 @@ def set_schedule(optimizer, cfg, step, total):
     return sched
 
 # -----------------------------------------------------------------------------
-# checkpoints: everything needed to continue bit for bit, written atomically. Nothing in training draws from
-# Python's or numpy's generators (the loader's crops come from torch under per-sample seeds), so torch's are saved
+# checkpoints: everything needed to continue bit for bit (torch's generators: nothing in training draws from Python's
+# or numpy's), written atomically; a resume with other run-defining settings is refused, the log trimmed to match
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many bad steps in a row, a file that cannot be written): reported as one line."""
 
@@ -287,8 +281,7 @@ def disk_error(e, path):
         return TrainingStopped(problem + ", then re-run to resume")
 
 def write_atomic(path, write, commit=True):
-    """write(f) into path.tmp and fsync it; with commit rename it over path: a kill or a power loss leaves the old
-    file or the new one. On failure path.tmp goes (a full disk stays usable)."""
+    """write(f) into path.tmp and fsync; commit renames it over path: a kill leaves the old file or the new one."""
     tmp = Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -298,11 +291,11 @@ def write_atomic(path, write, commit=True):
         if commit:
             commit_atomic(path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # a full disk stays usable
         raise disk_error(e, path) or e  # a disk error as one line, anything else as it is
 
 def commit_atomic(path):
-    """Rename path.tmp (written by write_atomic) over path, then fsync the folder, which holds the rename."""
+    """Rename path.tmp over path, then fsync the folder, which holds the rename."""
     try:
         os.replace(f"{path}.tmp", path)
         folder = os.open(path.parent, os.O_RDONLY)
@@ -312,7 +305,6 @@ def commit_atomic(path):
         raise disk_error(e, path) from None
 
 def save_checkpoint(path, state, commit=True):
-    """Atomic torch.save; without commit it stays in path.tmp until commit_atomic(path)."""
     write_atomic(path, lambda f: torch.save(state, f), commit)
 
 # keys a resume may change (with their sub-keys): where and how fast the run goes, and the learning rates (the advice
@@ -331,8 +323,7 @@ def check_same_run(ckpt_cfg, cfg, path):
                           f"values, or start afresh with another out_dir (or move {path} away)")
 
 def trim_log(log_path, step):
-    """Keep the log lines up to the checkpoint's step and drop lines that do not parse (cut off by a full disk or a
-    power loss); rewritten atomically."""
+    """Keep the log lines up to step, drop those that do not parse (cut off by a full disk or a power loss)."""
     def keep(line):
         try:
             return json.loads(line)["step"] <= step
@@ -342,8 +333,7 @@ def trim_log(log_path, step):
     write_atomic(log_path, lambda f: f.write(b"".join(line + b"\n" for line in lines if keep(line))))
 
 def lock_out_dir(out_dir):
-    """Create out_dir, check that files can be created in it and lock out_dir/train.lock for the life of the run (the
-    kernel releases it however the process ends)."""
+    """Create out_dir, check that files can be created in it, lock out_dir/train.lock while the process lives."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()  # what writing last.pt.tmp needs
@@ -351,15 +341,14 @@ def lock_out_dir(out_dir):
     except OSError as e:
         raise ConfigError(f"out_dir '{out_dir}' is not writable ({e.strerror}): choose another out_dir")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it however the process ends
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "another process"
         lock.close()
         raise ConfigError(f"out_dir '{out_dir}' is in use by {holder}: wait for it to end or choose another out_dir")
     except OSError as e:  # a file system without locks (some network mounts): run, but say so
-        print(f"warning: cannot lock {lock.name} ({e.strerror}): nothing stops a second run on this out_dir",
-              file=sys.stderr)
+        print(f"warning: cannot lock {lock.name} ({e.strerror}): nothing stops a second run here", file=sys.stderr)
     lock.truncate(0)
     print(f"train.py (pid {os.getpid()} on {socket.gethostname()})", file=lock, flush=True)
     return lock
@@ -380,32 +369,22 @@ def on_signal(stop, signum, frame):
     if not stop["in_loop"]:
         raise Interrupted(signum, "before the first step (nothing new to save)")
 
-def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single-process run. -> (rank, world)"""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
-
 def over_ranks(values, device, op="SUM"):
-    """Host ints of this rank -> their elementwise SUM (or MAX) over the ranks; unchanged in one process."""
-    if not distributed():
+    """This rank's host ints -> their elementwise SUM (or MAX) over the ranks."""
+    if world_size() == 1:
         return values
     total = torch.tensor(values, device=device)
     dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
     return total.tolist()
 
 def epoch_batches(n_images, batch, epoch, seed, start, rank, world):
-    """Index lists of this rank's share of each global batch of the epoch, from batch `start` on (drop last)."""
+    """This rank's share of each global batch of the epoch from batch `start` on (drop last), as index lists."""
     order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     per_rank = batch // world
     return [order[b * batch + rank * per_rank:][:per_rank] for b in range(start, n_images // batch)]
 
 def ignore_stop_signals(worker_id):
-    """Ctrl-C and schedulers signal the whole process group: loader workers leave SIGINT/SIGTERM to the main
-    process, which saves and then ends them."""
+    """Ctrl-C and schedulers signal the whole process group: the main process saves, then ends the workers."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 
@@ -417,8 +396,8 @@ def make_loader(dataset, batches, cfg, device):
         generator=torch.Generator())  # its own generator: the loader never draws from the global RNG
 
 def speed_settings(student, teacher, cfg, compile_backend="inductor"):
-    """The train.* switches of speed and memory, not of the method. torch.compile block by block keeps the loop over
-    blocks (and activation checkpointing around each) as it is."""
+    """The train.* switches of speed and memory. Compiling block by block keeps the loop over blocks (and
+    activation checkpointing around each) as it is."""
     t = cfg["train"]
     student.backbone.grad_checkpointing = t["grad_checkpointing"]
     for net in (student, teacher):
@@ -436,8 +415,7 @@ Pending = namedtuple("Pending", "step epoch sched loss finite n_unreadable")
 COUNTERS = ("step", "skipped_images", "bad_steps", "elapsed_s")  # the counters a checkpoint holds
 
 class Run:
-    """What the loop's steps share: data, models, optimizer, queue, files and counters, continued from
-    <out_dir>/last.pt if there is one (whose settings are checked first)."""
+    """What the loop shares: data, models, optimizer, queue, files and counters, from <out_dir>/last.pt if any."""
 
     def __init__(self, cfg, demo, rank, world):
         o, d, max_steps = cfg["optim"], cfg["data"], cfg["train"]["max_steps"]
@@ -446,12 +424,11 @@ class Run:
         self.cfg, self.device, self.is_main = cfg, pick_device(cfg["train"]["device"]), rank == 0
         self.ckpt_path, self.log_path, ckpt = Path(cfg["out_dir"]) / "last.pt", Path(cfg["out_dir"]) / "log.jsonl", None
         torch.manual_seed(cfg["seed"])
-        if self.ckpt_path.is_file():
+        if self.ckpt_path.is_file():  # checked before anything is loaded
             try:
                 ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ConfigError(f"checkpoint '{self.ckpt_path}' cannot be read ({type(e).__name__}); move it away "
-                                  f"to start afresh")
+                raise ConfigError(f"checkpoint '{self.ckpt_path}' cannot be read ({type(e).__name__}): move it away")
             check_same_run(ckpt["config"], cfg, self.ckpt_path)
         if demo:  # the synthetic scenes of data.py, in data/synthetic/ (rewritten unless a previous call completed)
             make_synthetic_voc()
@@ -459,13 +436,12 @@ class Run:
             d["global_size"], d["local_size"], tuple(d["global_scale"]), tuple(d["local_scale"]), d["n_local"],
             d["min_overlap"], on_device=d["augment_on_device"]), seed=cfg["seed"])
         if len(self.dataset) < o["batch_size"]:
-            raise ConfigError(f"data.root '{d['root']}' has {len(self.dataset)} images, fewer than optim.batch_size "
-                              f"{o['batch_size']}")
+            raise ConfigError(f"data.root '{d['root']}' has {len(self.dataset)} images, fewer than optim.batch_size")
         self.total_steps = o["epochs"] * (len(self.dataset) // o["batch_size"])  # the schedules span them
         self.stop_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         try:
             student, teacher = build_models(cfg)
-        except (ValueError, RuntimeError) as e:  # unknown arch, checkpoint keys that do not match the arch
+        except (ValueError, RuntimeError) as e:  # checkpoint keys that do not match the arch
             raise ConfigError(f"model: {e}")
         self.student, self.teacher = student.to(self.device).train(), teacher.to(self.device).eval()
         self.optimizer = make_optimizer(student, cfg)
@@ -513,31 +489,29 @@ class Run:
         steps, commit last.pt.tmp once a later step was finite; stop after train.max_bad_steps in a row."""
         if not self.pending:
             return
-        o, now, verified, lines = self.cfg["optim"], time.time(), False, []
+        o, now, verified = self.cfg["optim"], time.time(), False
         values = torch.stack([torch.stack([p.loss.float(), p.finite.float()]) for p in self.pending]).tolist()
         unreadable = over_ranks([p.n_unreadable for p in self.pending], self.device)
         img_per_s = len(self.pending) * o["batch_size"] / max(now - self.t_last, 1e-9)
         self.elapsed_s, self.t_last = self.elapsed_s + now - self.t_last, now
-        for p, (loss, finite), n_unreadable in zip(self.pending, values, unreadable):
-            self.skipped_images += n_unreadable
-            self.bad_steps += not finite
-            self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
-            if finite:
-                self.losses.append(loss)
-                verified |= self.unverified is not None and p.step > self.unverified
-            lines.append(json.dumps({
-                "step": p.step, "epoch": p.epoch, "loss": loss if finite else None,
-                "lr": o["lr_backbone"] * p.sched["lr_scale"], "lr_head": o["lr_head"] * p.sched["lr_scale"],
-                "wd": p.sched["wd"], "momentum": p.sched["momentum"], "img_per_s": round(img_per_s, 2),
-                "skipped_images": self.skipped_images, "bad_steps": self.bad_steps}) + "\n")
-        if self.is_main:
-            try:
-                self.log.write("".join(lines))
+        try:
+            for p, (loss, finite), n_unreadable in zip(self.pending, values, unreadable):
+                self.skipped_images, self.bad_steps = self.skipped_images + n_unreadable, self.bad_steps + (not finite)
+                self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+                self.losses += [loss] if finite else []
+                verified |= finite and self.unverified is not None and p.step > self.unverified
+                if self.is_main:
+                    self.log.write(json.dumps({
+                        "step": p.step, "epoch": p.epoch, "loss": loss if finite else None,
+                        "lr": o["lr_backbone"] * p.sched["lr_scale"], "lr_head": o["lr_head"] * p.sched["lr_scale"],
+                        "wd": p.sched["wd"], "momentum": p.sched["momentum"], "img_per_s": round(img_per_s, 2),
+                        "skipped_images": self.skipped_images, "bad_steps": self.bad_steps}) + "\n")
+            if self.is_main:
                 self.log.flush()
                 if verified:  # the log reaches the disk before the checkpoint it leads up to
                     os.fsync(self.log.fileno())
-            except OSError as e:
-                raise disk_error(e, self.log_path) from None
+        except OSError as e:
+            raise disk_error(e, self.log_path) from None
         if verified:  # the weights of last.pt.tmp have given a finite loss: they become last.pt
             if self.is_main:
                 commit_atomic(self.ckpt_path)
@@ -554,9 +528,13 @@ class Run:
                                   f"{kept}: re-run with a lower optim.lr_backbone (and lr_head)")
 
 def train(cfg, demo=False):
-    """The whole run -> the last step. out_dir is locked (rank 0); SIGINT/SIGTERM end the current step, save and
-    raise Interrupted."""
-    rank, world = setup_distributed()
+    """The whole run -> the last step. SIGINT/SIGTERM end the current step, save and raise Interrupted."""
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        rank = dist.get_rank()
     lock = lock_out_dir(Path(cfg["out_dir"])) if rank == 0 else None
     stop, run = {"signum": 0, "in_loop": False}, None
     previous = {s: signal.signal(s, functools.partial(on_signal, stop)) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -704,9 +682,9 @@ def is_num(v):
 def one_of(*options):
     return "one of " + ", ".join(options), lambda v: v in options
 
-def each(keys, check):
-    """One rule for several keys: each("data.n_local data.num_workers", COUNT)."""
-    return dict.fromkeys(keys.split(), check)
+def each(section, keys, check):
+    """One rule for several keys of a section: each("data", "n_local num_workers", COUNT)."""
+    return {f"{section}.{key}": check for key in keys.split()}
 
 COUNT = rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
 POSITIVE_INT = rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
@@ -731,39 +709,33 @@ DEVICE, POS_EMBED = one_of("auto", "cpu", "cuda"), one_of("dinov2", "neco")
 CONFIG_RULES = {
     "out_dir": TEXT, "seed": COUNT, "model.arch": one_of(*BACKBONE_NAMES), "model.weights": rule(*TEXT, optional=True),
     "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.pos_embed_rule": POS_EMBED,
-    **each("model.head_hidden model.head_out model.head_layers", POSITIVE_INT),
-    "model.teacher_head": one_of("random", "copy"), "data.root": TEXT, "data.min_overlap": HALF,
-    **each("data.global_size data.local_size", PATCHES), **each("data.global_scale data.local_scale", SCALE),
-    **each("data.n_local data.num_workers", COUNT), "data.augment_on_device": FLAG,
-    **each("neco.roi_size neco.queue_size neco.num_references", POSITIVE_INT), "neco.references": one_of("queue", "batch"),
-    **each("optim.epochs optim.batch_size", POSITIVE_INT), **each("optim.lr_backbone optim.lr_head", POSITIVE),
-    **each("optim.weight_decay optim.weight_decay_end optim.clip_grad", NON_NEGATIVE),
-    **each("optim.momentum_teacher optim.momentum_teacher_end", FRACTION), "optim.betas": BELOW_ONE_PAIR,
+    "model.teacher_head": one_of("random", "copy"), **each("model", "head_hidden head_out head_layers", POSITIVE_INT),
+    "data.root": TEXT, **each("data", "global_size local_size", PATCHES), **each("data", "global_scale local_scale", SCALE),
+    **each("data", "n_local num_workers", COUNT), "data.min_overlap": HALF, "data.augment_on_device": FLAG,
+    "neco.references": one_of("queue", "batch"), **each("neco", "roi_size queue_size num_references", POSITIVE_INT),
+    **each("optim", "epochs batch_size", POSITIVE_INT), **each("optim", "lr_backbone lr_head", POSITIVE),
+    **each("optim", "weight_decay weight_decay_end clip_grad", NON_NEGATIVE), "optim.betas": BELOW_ONE_PAIR,
+    **each("optim", "momentum_teacher momentum_teacher_end", FRACTION),
     "train.device": DEVICE, "train.precision": one_of("bf16", "fp32"), "train.max_steps": rule(*COUNT, optional=True),
-    **each("train.ckpt_every train.log_every train.max_bad_steps", POSITIVE_INT),
-    **each("train.compile train.fused_attention train.fused_adamw train.grad_checkpointing", FLAG),
+    **each("train", "ckpt_every log_every max_bad_steps", POSITIVE_INT),
+    **each("train", "compile fused_attention fused_adamw grad_checkpointing", FLAG),
     # evaluate.py
-    "eval.device": DEVICE, "eval.precision": one_of("fp32", "bf16"),
-    "eval.num_workers": COUNT, "eval.vis_images": COUNT, "eval.voc_train_split": one_of("trainaug", "train"),
-    "eval.roots.voc": TEXT, "eval.roots.ade20k": TEXT, "eval.roots.coco": TEXT, "eval.roots.cityscapes": TEXT,
-    "eval.roots.spair": TEXT,
+    "eval.device": DEVICE, "eval.precision": one_of("fp32", "bf16"), **each("eval", "num_workers vis_images", COUNT),
+    "eval.voc_train_split": one_of("trainaug", "train"), **each("eval.roots", "voc ade20k coco cityscapes spair", TEXT),
     "eval.incontext.protocol": one_of("hbird", "dip"), "eval.incontext.image_size": PATCHES,
     "eval.incontext.memory_size": rule("an integer >= 1 or a list of them (a sweep)", lambda v: POSITIVE_INT[1](v) or (
-        isinstance(v, list) and len(v) > 0 and all(map(POSITIVE_INT[1], v))), optional=True), "eval.incontext.aug_epochs": COUNT,
-    "eval.incontext.k": POSITIVE_INT, "eval.incontext.temperature": rule(*POSITIVE, optional=True),
-    "eval.incontext.fraction": SHARE, "eval.incontext.subset_file": rule(*TEXT, optional=True),
-    "eval.incontext.seed": COUNT, "eval.incontext.batch_size": POSITIVE_INT, "eval.incontext.pos_embed_rule": POS_EMBED,
-    "eval.linear.image_size": PATCHES, "eval.linear.out_size": POSITIVE_INT, "eval.linear.train_aug": FLAG,
-    "eval.linear.epochs": POSITIVE_INT, "eval.linear.batch_size": POSITIVE_INT, "eval.linear.lr": POSITIVE,
-    "eval.linear.momentum": BELOW_ONE, "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.lr_step_epoch": COUNT,
-    "eval.linear.lr_gamma": POSITIVE, "eval.linear.coco_fraction": SHARE, "eval.linear.seed": COUNT,
-    "eval.linear.pos_embed_rule": POS_EMBED,
-    "eval.cluster.image_size": PATCHES, "eval.cluster.gt_size": POSITIVE_INT,
+        isinstance(v, list) and len(v) > 0 and all(map(POSITIVE_INT[1], v))), optional=True),
+    **each("eval.incontext", "aug_epochs seed", COUNT), **each("eval.incontext", "k batch_size", POSITIVE_INT),
+    "eval.incontext.temperature": rule(*POSITIVE, optional=True), "eval.incontext.fraction": SHARE,
+    "eval.incontext.subset_file": rule(*TEXT, optional=True), "eval.incontext.pos_embed_rule": POS_EMBED,
+    "eval.linear.image_size": PATCHES, **each("eval.linear", "out_size epochs batch_size", POSITIVE_INT),
+    **each("eval.linear", "lr lr_gamma", POSITIVE), "eval.linear.momentum": BELOW_ONE, "eval.linear.train_aug": FLAG,
+    "eval.linear.weight_decay": NON_NEGATIVE, **each("eval.linear", "lr_step_epoch seed", COUNT),
+    "eval.linear.coco_fraction": SHARE, "eval.linear.pos_embed_rule": POS_EMBED,
+    "eval.cluster.image_size": PATCHES, "eval.cluster.iters": COUNT, "eval.cluster.pos_embed_rule": POS_EMBED,
+    **each("eval.cluster", "gt_size pca_dim seeds redo max_points_per_centroid batch_size", POSITIVE_INT),
     "eval.cluster.ks": rule("a list of cluster counts (0: the number of classes)",
                             lambda v: isinstance(v, list) and len(v) > 0 and all(map(COUNT[1], v))),
-    "eval.cluster.pca_dim": POSITIVE_INT, "eval.cluster.seeds": POSITIVE_INT, "eval.cluster.iters": COUNT,
-    "eval.cluster.redo": POSITIVE_INT, "eval.cluster.max_points_per_centroid": POSITIVE_INT,
-    "eval.cluster.batch_size": POSITIVE_INT, "eval.cluster.pos_embed_rule": POS_EMBED,
     "eval.spair.split": one_of("test", "val", "trn"), "eval.spair.image_size": POSITIVE_INT,
     "eval.spair.tokens": one_of("last_block", "final_norm"), "eval.spair.cell": one_of("corner", "centre"),
     "eval.spair.pairs_per_bin": rule(*POSITIVE_INT, optional=True), "eval.spair.pos_embed_rule": POS_EMBED,
@@ -787,13 +759,12 @@ def validate(cfg, prefix="", demo=False):
         if key.startswith("eval.") == (prefix == "eval.") and not ok(value := get_key(cfg, key)):
             raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
     if prefix == "eval.":
-        s = cfg["eval"]["incontext"]
-        if s["subset_file"] is not None and not Path(s["subset_file"]).expanduser().is_file():
-            raise ConfigError(f"config key 'eval.incontext.subset_file' names {s['subset_file']}, which is not a "
-                              f"file: give a text file with one train image id per line")
-        if s["subset_file"] is not None and s["fraction"] != 1:
-            raise ConfigError("config key 'eval.incontext.fraction' must be 1 when eval.incontext.subset_file names "
-                              "the subset")
+        subset = cfg["eval"]["incontext"]["subset_file"]
+        if subset is not None and not Path(subset).expanduser().is_file():
+            raise ConfigError(f"config key 'eval.incontext.subset_file' names {subset}, which is not a file: give a "
+                              f"text file with one train image id per line")
+        if subset is not None and cfg["eval"]["incontext"]["fraction"] != 1:
+            raise ConfigError("config key 'eval.incontext.fraction' must be 1 when eval.incontext.subset_file is set")
         pick_device(cfg["eval"]["device"], "eval.device")
         return
     m, d, n = cfg["model"], cfg["data"], cfg["neco"]
@@ -811,8 +782,8 @@ def validate(cfg, prefix="", demo=False):
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config section 'neco': {e}")
     if not Path(d["root"]).is_dir() and not demo:
-        raise ConfigError(f"data.root '{d['root']}' is not a folder: point data.root at COCO train2017 (or any folder "
-                          f"of images), e.g. --set data.root=/data/coco/images/train2017, or run with --demo")
+        raise ConfigError(f"data.root '{d['root']}' is not a folder: point it at COCO train2017 (or any folder of "
+                          f"images), e.g. --set data.root=/data/coco/images/train2017, or run with --demo")
     if m["weights"] not in (None, "hub") and not Path(m["weights"]).is_file():
         raise ConfigError(f"model.weights '{m['weights']}' is not a file: give a backbone state_dict file, 'hub' for "
                           f"the official checkpoint, or null for random initialisation")
@@ -832,8 +803,7 @@ def main(argv=None):
     p.add_argument("--config", default="config.yaml", help="the YAML config (default: config.yaml)")
     p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
                    help="override config keys, e.g. --set optim.epochs=1 data.root=/data/coco/images/train2017")
-    p.add_argument("--demo", action="store_true",
-                   help="offline demo: tiny backbone from random weights on synthetic scenes, CPU, ~3 minutes")
+    p.add_argument("--demo", action="store_true", help="offline demo: a tiny backbone on synthetic scenes, CPU, ~3 min")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, flatten_sets(args.set), "demo" if args.demo else None)
