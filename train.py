@@ -33,8 +33,7 @@ from sort import diff_sort
 ROI_SAMPLING = -1  # roi_align's adaptive default, as the public run: ceil(bin side) samples per bin side
 
 def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
-    """RoI-align teacher crop g and student crop v over their intersection -> (B, roi_size^2, out) each, at least
-    float32 (under bf16 autocast the maps are bf16; the loss runs in float32)."""
+    """RoI-align teacher crop g and student crop v over their intersection -> (B, roi_size^2, out) each, float32."""
     map_t, map_s = (m.float() if m.element_size() < 4 else m for m in (maps_t[g], maps_s[v]))
     roi_g, roi_v = crop_intersection_rois(boxes[:, g], boxes[:, v], map_t.shape[1], map_s.shape[1])
     batch_idx = torch.arange(boxes.shape[0], device=boxes.device, dtype=boxes.dtype)[:, None]
@@ -60,27 +59,23 @@ def pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg):
 def sort_cross_entropy(sim_s, sim_t, ncfg):
     """sim_*: (R, n) similarities of R queries to n references, sorted each with its own steepness -> cross-entropy
     of the student's relaxed permutation matrices against the teacher's, summed over ranks, averaged over the rest."""
-    # check_finite=False: no host sync for a NaN check; non-finite similarities give a non-finite loss, and
-    # train_step skips that step on the device
+    # check_finite=False: no host sync for a NaN check (a non-finite loss skips the step on the device)
     kw = dict(network=ncfg["sort_network"], distribution=ncfg["sort_distribution"],
               art_lambda=ncfg["sort_art_lambda"], check_finite=False)
     with torch.no_grad():
         _, P_t = diff_sort(sim_t, steepness=ncfg["teacher_steepness"], **kw)  # (R, n, n)
     _, P_s = diff_sort(sim_s, steepness=ncfg["student_steepness"], **kw)
-    # P can hold exact zeros (logistic at high steepness underflows); clamping at the smallest normal float keeps
-    # log finite and leaves every entry that is not already denormal unchanged
+    # P can hold exact zeros (logistic at high steepness underflows): the smallest normal float keeps log finite
     log_P_s = torch.log(P_s.clamp_min(torch.finfo(P_s.dtype).tiny))
     return -(P_t * log_P_s).sum(-1).mean()
 
 def neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg):
-    """The mean over the 10 (g, v) pairs of the sort cross-entropy: all pairs go through one sort call, and every
-    pair has B*Q rows, so the mean over rows is the mean over pairs."""
+    """The mean over the 10 (g, v) pairs of the sort cross-entropy (one sort call: every pair has B*Q rows)."""
     return sort_cross_entropy(*pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg), ncfg)
 
 # -----------------------------------------------------------------------------
-# reference patches: a FIFO queue of teacher patches per global crop, or the batch itself. Under torchrun every rank
-# draws the same random numbers for the whole (global) batch from the shared generator and keeps its slice, so N
-# ranks reproduce the single-process step exactly
+# reference patches: a FIFO queue of teacher patches per global crop, or the batch itself. Every rank draws for the
+# whole (global) batch from the shared generator and keeps its slice: N ranks reproduce the single-process step
 class PatchQueue:
     """queue[g] holds the latest teacher head embeddings of global crop g (FIFO). Only filled rows are sampled."""
 
@@ -99,8 +94,8 @@ class PatchQueue:
         self.filled[g] = min(self.filled[g] + count, size)
 
     def sample(self, g, rows, n, gen):
-        """(rows, n, dim): n distinct filled rows of queue g per image, distinct over the whole draw when the queue
-        holds enough (as the public code once its queue is full); host-int counts: no sync."""
+        """(rows, n, dim): n distinct filled rows per image, distinct over the whole draw when the queue holds enough
+        (as the public code once its queue is full)."""
         filled = self.filled[g]
         if rows * n <= filled:
             idx = torch.randperm(filled, generator=gen, device=gen.device)[:rows * n].view(rows, n)
@@ -116,20 +111,17 @@ class PatchQueue:
         self.feats.copy_(state["feats"])
         self.ptr, self.filled = list(state["ptr"]), list(state["filled"])
 
-def world_size():
-    """The number of processes (torchrun); 1 without torch.distributed."""
+def world_size():  # the number of processes (torchrun)
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-def all_gather_cat(x):
-    """Concatenate x over ranks in rank order."""
+def all_gather_cat(x):  # concatenated over the ranks, in rank order
     if world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
-def rank_slice(x, B):
-    """This rank's B rows of a tensor drawn for the whole batch."""
+def rank_slice(x, B):  # this rank's B rows of a tensor drawn for the whole batch
     start = dist.get_rank() * B if world_size() > 1 else 0
     return x[start:start + B]
 
@@ -155,8 +147,7 @@ class NeCoModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, views):
-        """views: list of (B, 3, s, s) crops -> list of (B, s/p, s/p, out) projected patch maps. Crops of the same
-        size go through the backbone together (one call per size, as DINO's multi-crop wrapper)."""
+        """(B, 3, s, s) crops -> (B, s/p, s/p, out) maps; one backbone call per crop size (DINO's multi-crop)."""
         outs = [None] * len(views)
         for size in sorted({v.shape[-1] for v in views}, reverse=True):
             idx = [i for i, v in enumerate(views) if v.shape[-1] == size]
@@ -186,8 +177,7 @@ def build_models(cfg):
 # the training step. It never waits for the GPU: the loss and its "finite" flag stay on the device, and a
 # non-finite step is skipped there. The phases are named for the profiler (python bench.py train)
 def augment_views(crops, gen, per_rank):
-    """uint8 crops (B, 3, s, s) per view -> augmented, normalised float crops (data.augment_batch), the parameters
-    drawn for the global batch (per_rank images per rank)."""
+    """uint8 crops (B, 3, s, s) per view -> augmented float crops, the parameters drawn for the global batch."""
     with record_function("augment"):
         return [augment_batch(view, {key: rank_slice(value, per_rank)  # each view its own draw
                                      for key, value in photometric_params(per_rank * world_size(), gen).items()})
@@ -294,8 +284,7 @@ def write_atomic(path, write, commit=True):
         tmp.unlink(missing_ok=True)  # a full disk stays usable
         raise disk_error(e, path) or e  # a disk error as one line, anything else as it is
 
-def commit_atomic(path):
-    """Rename path.tmp over path, then fsync the folder, which holds the rename."""
+def commit_atomic(path):  # rename path.tmp over path, then fsync the folder, which holds the rename
     try:
         os.replace(f"{path}.tmp", path)
         folder = os.open(path.parent, os.O_RDONLY)
@@ -363,14 +352,12 @@ class Interrupted(BaseException):
         super().__init__(message)
         self.signum = signum
 
-def on_signal(stop, signum, frame):
-    """Before the loop stop at once; in the loop the current step ends, then the run saves."""
+def on_signal(stop, signum, frame):  # before the loop stop at once; in it the current step ends, then the run saves
     stop["signum"] = stop["signum"] or signum
     if not stop["in_loop"]:
         raise Interrupted(signum, "before the first step (nothing new to save)")
 
-def over_ranks(values, device, op="SUM"):
-    """This rank's host ints -> their elementwise SUM (or MAX) over the ranks."""
+def over_ranks(values, device, op="SUM"):  # this rank's host ints -> their elementwise SUM (or MAX) over the ranks
     if world_size() == 1:
         return values
     total = torch.tensor(values, device=device)
@@ -383,8 +370,7 @@ def epoch_batches(n_images, batch, epoch, seed, start, rank, world):
     per_rank = batch // world
     return [order[b * batch + rank * per_rank:][:per_rank] for b in range(start, n_images // batch)]
 
-def ignore_stop_signals(worker_id):
-    """Ctrl-C and schedulers signal the whole process group: the main process saves, then ends the workers."""
+def ignore_stop_signals(worker_id):  # Ctrl-C signals the process group: the main process saves, then ends workers
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 
@@ -396,8 +382,7 @@ def make_loader(dataset, batches, cfg, device):
         generator=torch.Generator())  # its own generator: the loader never draws from the global RNG
 
 def speed_settings(student, teacher, cfg, compile_backend="inductor"):
-    """The train.* switches of speed and memory. Compiling block by block keeps the loop over blocks (and
-    activation checkpointing around each) as it is."""
+    """The train.* switches of speed and memory; compiling block by block keeps activation checkpointing as it is."""
     t = cfg["train"]
     student.backbone.grad_checkpointing = t["grad_checkpointing"]
     for net in (student, teacher):
@@ -406,8 +391,7 @@ def speed_settings(student, teacher, cfg, compile_backend="inductor"):
             for block in net.backbone.blocks:
                 block.compile(backend=compile_backend)
 
-def make_autocast(cfg, device):
-    """bf16 autocast of the networks on CUDA (train.precision bf16); a no-op context otherwise."""
+def make_autocast(cfg, device):  # bf16 autocast of the networks on CUDA (train.precision bf16), else a no-op
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and cfg["train"]["precision"] == "bf16")
 
 # a step whose loss and finite flag (device tensors) are read at the next log point
@@ -633,8 +617,7 @@ def set_key(cfg, dotted, value):
                           f"({dotted}.{next(iter(node[last]), '...')}=...)")
     node[last] = value
 
-def dotted_items(tree, prefix=""):
-    """{'a': {'b': 1}} -> [('a.b', 1)]: a nested section as --set pairs."""
+def dotted_items(tree, prefix=""):  # {'a': {'b': 1}} -> ('a.b', 1): a nested section as --set pairs
     for k, v in tree.items():
         yield from dotted_items(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
@@ -645,8 +628,6 @@ def load_config(path, sets=(), demo_section=None):
     try:
         raw = path.read_bytes()
         cfg = yaml.safe_load(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' not found (pass --config config.yaml from the repository)")
     except OSError as e:
         raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})")
     except UnicodeDecodeError as e:
@@ -665,12 +646,10 @@ def load_config(path, sets=(), demo_section=None):
         set_key(cfg, key, value)
     return cfg
 
-def flatten_sets(groups):
-    """argparse gives --set a b --set c as [[a, b], [c]]."""
+def flatten_sets(groups):  # argparse gives --set a b --set c as [[a, b], [c]]
     return [pair for group in (groups or []) for pair in group]
 
-def rule(what, ok, optional=False):
-    """(what a value must be, its check); optional: null as well."""
+def rule(what, ok, optional=False):  # (what a value must be, its check); optional: null as well
     return (what + " or null", lambda v: v is None or ok(v)) if optional else (what, ok)
 
 def is_int(v):
@@ -682,8 +661,7 @@ def is_num(v):
 def one_of(*options):
     return "one of " + ", ".join(options), lambda v: v in options
 
-def each(section, keys, check):
-    """One rule for several keys of a section: each("data", "n_local num_workers", COUNT)."""
+def each(section, keys, check):  # one rule for several keys of a section
     return {f"{section}.{key}": check for key in keys.split()}
 
 COUNT = rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
