@@ -1,15 +1,12 @@
 """
 NeCo post-training: a student ViT learns to order patches by their similarity to reference patches the same way as
-its EMA teacher does, through a differentiable sorting network.
+its EMA teacher does, through a differentiable sorting network. Re-running a command resumes from <out_dir>/last.pt.
 
     python train.py --config config.yaml                     # the paper's run (COCO train2017, ViT-S/14-reg)
     python train.py --config config.yaml --demo              # offline demo on synthetic scenes, CPU, ~3 minutes
     torchrun --nproc_per_node=4 train.py --config config.yaml   # several GPUs (DistributedDataParallel)
-
-Re-running the same command resumes from <out_dir>/last.pt. The file follows the method: the loss, the reference
-patches, the networks, the training step, the schedules, checkpoints, the loop, the config, the command line.
 """
-import argparse, errno, fcntl, functools, json, math, os, signal, socket, sys, tempfile, time
+import argparse, contextlib, errno, fcntl, functools, json, math, os, signal, socket, sys, tempfile, time
 from collections import namedtuple
 from pathlib import Path
 
@@ -75,7 +72,7 @@ def neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg):
 
 # -----------------------------------------------------------------------------
 # reference patches: a FIFO queue of teacher patches per global crop, or the batch itself. Every rank draws for the
-# whole (global) batch from the shared generator and keeps its slice: N ranks reproduce the single-process step
+# global batch from the shared generator and keeps its slice: N ranks reproduce the single-process step
 class PatchQueue:
     """queue[g] holds the latest teacher head embeddings of global crop g (FIFO). Only filled rows are sampled."""
 
@@ -94,8 +91,7 @@ class PatchQueue:
         self.filled[g] = min(self.filled[g] + count, size)
 
     def sample(self, g, rows, n, gen):
-        """(rows, n, dim): n distinct filled rows per image, distinct over the whole draw when the queue holds enough
-        (as the public code once its queue is full)."""
+        """(rows, n, dim): n distinct filled rows per image, over the whole draw too if the queue holds enough."""
         filled = self.filled[g]
         if rows * n <= filled:
             idx = torch.randperm(filled, generator=gen, device=gen.device)[:rows * n].view(rows, n)
@@ -246,18 +242,14 @@ def schedules(cfg, step, total):
     return {"lr_scale": c, "wd": o["weight_decay_end"] + c * (o["weight_decay"] - o["weight_decay_end"]),
             "momentum": o["momentum_teacher_end"] + c * (o["momentum_teacher"] - o["momentum_teacher_end"])}
 
-def set_schedule(optimizer, cfg, step, total):
-    """Set the learning rates and weight decays of this step; returns the schedule values."""
+def set_schedule(optimizer, cfg, step, total):  # this step's learning rates and weight decays -> schedules()
     sched = schedules(cfg, step, total)
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * sched["lr_scale"]
-        if group["apply_wd"]:
-            group["weight_decay"] = sched["wd"]
+        group["lr"], group["weight_decay"] = group["base_lr"] * sched["lr_scale"], sched["wd"] * group["apply_wd"]
     return sched
 
 # -----------------------------------------------------------------------------
-# checkpoints: everything needed to continue bit for bit (torch's generators: nothing in training draws from Python's
-# or numpy's), written atomically; a resume with other run-defining settings is refused, the log trimmed to match
+# checkpoints: all that continues a run bit for bit (torch's generators: nothing draws from Python's or numpy's)
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many bad steps in a row, a file that cannot be written): reported as one line."""
 
@@ -343,8 +335,7 @@ def lock_out_dir(out_dir):
     return lock
 
 # -----------------------------------------------------------------------------
-# the loop. The batch order is a function of (seed, epoch) and each sample's crops of (seed, epoch, index), so a
-# resumed run sees exactly the batches an uninterrupted one would
+# the loop. Batch order and crops are functions of (seed, epoch, index): a resumed run sees the batches of a whole one
 class Interrupted(BaseException):
     """SIGINT or SIGTERM; a BaseException (as KeyboardInterrupt), so that no `except Exception` swallows it."""
 
@@ -364,8 +355,7 @@ def over_ranks(values, device, op="SUM"):  # this rank's host ints -> their elem
     dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
     return total.tolist()
 
-def epoch_batches(n_images, batch, epoch, seed, start, rank, world):
-    """This rank's share of each global batch of the epoch from batch `start` on (drop last), as index lists."""
+def epoch_batches(n_images, batch, epoch, seed, start, rank, world):  # this rank's share of each batch from `start`
     order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     per_rank = batch // world
     return [order[b * batch + rank * per_rank:][:per_rank] for b in range(start, n_images // batch)]
@@ -394,8 +384,7 @@ def speed_settings(student, teacher, cfg, compile_backend="inductor"):
 def make_autocast(cfg, device):  # bf16 autocast of the networks on CUDA (train.precision bf16), else a no-op
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and cfg["train"]["precision"] == "bf16")
 
-# a step whose loss and finite flag (device tensors) are read at the next log point
-Pending = namedtuple("Pending", "step epoch sched loss finite n_unreadable")
+Pending = namedtuple("Pending", "step epoch sched loss finite n_unreadable")  # loss, finite: read at the next log
 COUNTERS = ("step", "skipped_images", "bad_steps", "elapsed_s")  # the counters a checkpoint holds
 
 class Run:
@@ -435,8 +424,20 @@ class Run:
         self.elapsed_s, self.t_last, self.log, self.bar = 0.0, time.time(), None, None
         self.kept_step = self.unverified = None  # the steps of last.pt and last.pt.tmp (None: no such file)
         self.losses, self.pending = [], []  # the finite losses of this process; Pending steps
-        if ckpt:
-            self.restore(ckpt)
+        if ckpt:  # continue where save left off, with the learning rates of the config (a resume may change them)
+            for name in ("student", "teacher", "optimizer", "queue"):
+                getattr(self, name).load_state_dict(ckpt[name])
+            for group, fresh in zip(self.optimizer.param_groups, param_groups(self.student, cfg)):
+                group["base_lr"] = fresh["base_lr"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            self.gen.set_state(ckpt["rng"]["shared"])
+            for key in COUNTERS:
+                setattr(self, key, ckpt[key])
+            self.kept_step = self.step
+            if self.is_main:
+                print(f"resuming from {self.ckpt_path} at step {self.step}/{self.total_steps}")
         if self.is_main:
             trim_log(self.log_path, self.step)  # no checkpoint: a fresh log (a run that never saved left nothing)
 
@@ -451,22 +452,6 @@ class Run:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                 **{key: getattr(self, key) for key in COUNTERS}}, commit)
         self.kept_step, self.unverified = (self.step, None) if commit else (self.kept_step, self.step)
-
-    def restore(self, ckpt):
-        """Continue where save left off, with the learning rates of the config (a resume may change them)."""
-        for name in ("student", "teacher", "optimizer", "queue"):
-            getattr(self, name).load_state_dict(ckpt[name])
-        for group, fresh in zip(self.optimizer.param_groups, param_groups(self.student, self.cfg)):
-            group["base_lr"] = fresh["base_lr"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        self.gen.set_state(ckpt["rng"]["shared"])
-        for key in COUNTERS:
-            setattr(self, key, ckpt[key])
-        self.kept_step = self.step
-        if self.is_main:
-            print(f"resuming from {self.ckpt_path} at step {self.step}/{self.total_steps}")
 
     def flush_log(self):
         """Read the pending losses (one transfer), write their log lines, count unreadable images and non-finite
@@ -507,7 +492,8 @@ class Run:
         if self.bad_in_a_row >= self.cfg["train"]["max_bad_steps"]:
             if self.is_main:
                 Path(f"{self.ckpt_path}.tmp").unlink(missing_ok=True)
-            kept = "no checkpoint was kept" if self.kept_step is None else f"{self.ckpt_path} keeps step {self.kept_step}"
+            kept = ("no checkpoint was kept" if self.kept_step is None
+                    else f"{self.ckpt_path} keeps step {self.kept_step}")
             raise TrainingStopped(f"{self.bad_in_a_row} steps in a row had a non-finite loss (step {self.step}); "
                                   f"{kept}: re-run with a lower optim.lr_backbone (and lr_head)")
 
@@ -585,24 +571,20 @@ def train(cfg, demo=False):
     return run.step
 
 # -----------------------------------------------------------------------------
-# config: one YAML file, every key overridable with --set section.key=value, checked by the table below before
-# anything is loaded. evaluate.py and bench.py use load_config, validate and pick_device too
+# config: one YAML file, any key overridable with --set section.key=value, checked by the table below (evaluate.py
+# and bench.py use load_config, validate and pick_device too)
 class ConfigError(ValueError):
     """A mistake in the config or on the command line: reported as one line, no traceback."""
 
 def parse_set(pair):
     """'a.b=value' -> ('a.b', value), the value read as YAML (and 1e-5, a string to YAML 1.1, as the number)."""
-    key, is_pair, text = pair.partition("=")
+    key, is_pair, value = pair.partition("=")
     if not is_pair:
         raise ConfigError(f"--set expects key=value, got '{pair}'")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    try:
-        return key.strip(), float(value) if isinstance(value, str) else value
-    except ValueError:
-        return key.strip(), value
+    with contextlib.suppress(yaml.YAMLError, ValueError):  # not YAML, not a number: the text as it is
+        value = yaml.safe_load(value) if value.strip() else None
+        value = float(value) if isinstance(value, str) else value
+    return key.strip(), value
 
 def set_key(cfg, dotted, value):
     """cfg['a']['b'] = value for dotted 'a.b', refusing keys the config does not have and whole sections."""
@@ -613,17 +595,25 @@ def set_key(cfg, dotted, value):
     if not isinstance(node, dict) or last not in node:
         raise ConfigError(f"unknown config key '{dotted}'")
     if isinstance(node[last], dict):
-        raise ConfigError(f"config key '{dotted}' is a section: set one of its keys "
-                          f"({dotted}.{next(iter(node[last]), '...')}=...)")
+        raise ConfigError(f"config key '{dotted}' is a section: set one of its keys, e.g. "
+                          f"{dotted}.{next(iter(node[last]), '...')}=...")
     node[last] = value
+
+def get_key(cfg, dotted):
+    node = cfg
+    for i, part in enumerate(dotted.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config key '{dotted}' is missing (no '{'.'.join(dotted.split('.')[:i + 1])}' in the "
+                              f"config file; compare it with the repository's config.yaml)")
+        node = node[part]
+    return node
 
 def dotted_items(tree, prefix=""):  # {'a': {'b': 1}} -> ('a.b', 1): a nested section as --set pairs
     for k, v in tree.items():
         yield from dotted_items(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
 def load_config(path, sets=(), demo_section=None):
-    """Read the YAML config, remove the override sections "demo" and "eval.demo", apply the one named demo_section
-    (train.py --demo, evaluate.py --demo) and then the --set pairs ('a.b=value')."""
+    """The YAML config without its override sections "demo" and "eval.demo", then demo_section's and the --set pairs."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -666,8 +656,7 @@ def each(section, keys, check):  # one rule for several keys of a section
 
 COUNT = rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
 POSITIVE_INT = rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
-# image sides in pixels, rounded to the nearest multiple of the model's patch size (518 -> 512 at /16)
-PATCHES = rule("a size in pixels >= 8", lambda v: is_int(v) and v >= 8)
+PATCHES = rule("a size in pixels >= 8", lambda v: is_int(v) and v >= 8)  # rounded to whole patches by validate
 POSITIVE = rule("a number > 0", lambda v: is_num(v) and v > 0)
 NON_NEGATIVE = rule("a number >= 0", lambda v: is_num(v) and v >= 0)
 FRACTION = rule("a number in [0, 1]", lambda v: is_num(v) and 0 <= v <= 1)
@@ -682,17 +671,17 @@ FLAG = rule("true or false", lambda v: isinstance(v, bool))
 TEXT = rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 DEVICE, POS_EMBED = one_of("auto", "cpu", "cuda"), one_of("dinov2", "neco")
 
-# key -> (what its value must be, the check): every key train.py and evaluate.py read (the sort keys are checked by
-# diff_sort itself, in validate)
+# key -> (what its value must be, the check): every key train.py and evaluate.py read (the sort's: diff_sort's own)
 CONFIG_RULES = {
     "out_dir": TEXT, "seed": COUNT, "model.arch": one_of(*BACKBONE_NAMES), "model.weights": rule(*TEXT, optional=True),
     "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.pos_embed_rule": POS_EMBED,
     "model.teacher_head": one_of("random", "copy"), **each("model", "head_hidden head_out head_layers", POSITIVE_INT),
-    "data.root": TEXT, **each("data", "global_size local_size", PATCHES), **each("data", "global_scale local_scale", SCALE),
-    **each("data", "n_local num_workers", COUNT), "data.min_overlap": HALF, "data.augment_on_device": FLAG,
-    "neco.references": one_of("queue", "batch"), **each("neco", "roi_size queue_size num_references", POSITIVE_INT),
+    "data.root": TEXT, **each("data", "global_size local_size", PATCHES), "data.min_overlap": HALF,
+    **each("data", "global_scale local_scale", SCALE), **each("data", "n_local num_workers", COUNT),
+    "data.augment_on_device": FLAG, "neco.references": one_of("queue", "batch"),
+    **each("neco", "roi_size queue_size num_references", POSITIVE_INT), "optim.betas": BELOW_ONE_PAIR,
     **each("optim", "epochs batch_size", POSITIVE_INT), **each("optim", "lr_backbone lr_head", POSITIVE),
-    **each("optim", "weight_decay weight_decay_end clip_grad", NON_NEGATIVE), "optim.betas": BELOW_ONE_PAIR,
+    **each("optim", "weight_decay weight_decay_end clip_grad", NON_NEGATIVE),
     **each("optim", "momentum_teacher momentum_teacher_end", FRACTION),
     "train.device": DEVICE, "train.precision": one_of("bf16", "fp32"), "train.max_steps": rule(*COUNT, optional=True),
     **each("train", "ckpt_every log_every max_bad_steps", POSITIVE_INT),
@@ -721,18 +710,8 @@ CONFIG_RULES = {
                                   and all(map(POSITIVE[1], v))),
 }
 
-def get_key(cfg, dotted):
-    node = cfg
-    for i, part in enumerate(dotted.split(".")):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"config key '{dotted}' is missing (no '{'.'.join(dotted.split('.')[:i + 1])}' in the "
-                              f"config file; compare it with the repository's config.yaml)")
-        node = node[part]
-    return node
-
 def validate(cfg, prefix="", demo=False):
-    """Fail in the first second, not after minutes of loading: prefix "eval." checks the evaluation keys
-    (evaluate.py), "" the training ones and how they fit together."""
+    """Fail in the first second, not after minutes of loading: the evaluation keys (prefix "eval.") or the rest."""
     for key, (what, ok) in CONFIG_RULES.items():
         if key.startswith("eval.") == (prefix == "eval.") and not ok(value := get_key(cfg, key)):
             raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
