@@ -179,8 +179,7 @@ def augment_views(crops, gen, per_rank):
                                      for key, value in photometric_params(per_rank * world_size(), gen).items()})
                 for view in crops]
 
-def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
-               momentum):
+def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast, momentum):
     """One NeCo step on crops (2 global + local views) and boxes (B, V, 4); model: the student or its DDP wrapper.
     -> (loss, finite) on the device; a loss not finite on every rank leaves everything untouched."""
     with record_function("teacher"), torch.no_grad(), autocast:
@@ -335,7 +334,7 @@ def lock_out_dir(out_dir):
     return lock
 
 # -----------------------------------------------------------------------------
-# the loop. Batch order and crops are functions of (seed, epoch, index): a resumed run sees the batches of a whole one
+# the loop. Batches and crops are functions of (seed, epoch, index): a resumed run sees those of an uninterrupted one
 class Interrupted(BaseException):
     """SIGINT or SIGTERM; a BaseException (as KeyboardInterrupt), so that no `except Exception` swallows it."""
 
@@ -358,7 +357,8 @@ def over_ranks(values, device, op="SUM"):  # this rank's host ints -> their elem
 def epoch_batches(n_images, batch, epoch, seed, start, rank, world):  # this rank's share of each batch from `start`
     order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     per_rank = batch // world
-    return [order[b * batch + rank * per_rank:][:per_rank] for b in range(start, n_images // batch)]
+    return [order[b * batch + rank * per_rank:b * batch + (rank + 1) * per_rank]
+            for b in range(start, n_images // batch)]
 
 def ignore_stop_signals(worker_id):  # Ctrl-C signals the process group: the main process saves, then ends workers
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -467,8 +467,9 @@ class Run:
             for p, (loss, finite), n_unreadable in zip(self.pending, values, unreadable):
                 self.skipped_images, self.bad_steps = self.skipped_images + n_unreadable, self.bad_steps + (not finite)
                 self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
-                self.losses += [loss] if finite else []
-                verified |= finite and self.unverified is not None and p.step > self.unverified
+                if finite:
+                    self.losses.append(loss)
+                    verified |= self.unverified is not None and p.step > self.unverified
                 if self.is_main:
                     self.log.write(json.dumps({
                         "step": p.step, "epoch": p.epoch, "loss": loss if finite else None,
