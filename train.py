@@ -1,30 +1,14 @@
 """
 NeCo post-training: a student ViT learns to order patches by their similarity to reference patches the same way as
-its EMA teacher does, through a differentiable sorting network.
+its EMA teacher does, through a differentiable sorting network. Re-running a command resumes from <out_dir>/last.pt.
 
     python train.py --config config.yaml                     # the paper's run (COCO train2017, ViT-S/14-reg)
     python train.py --config config.yaml --demo              # offline demo on synthetic scenes, CPU, ~3 minutes
     torchrun --nproc_per_node=4 train.py --config config.yaml   # several GPUs (DistributedDataParallel)
-
-Re-running the same command resumes from <out_dir>/last.pt. The file follows the method: the loss, the reference
-patches, the networks, the training step, the schedules, checkpoints, the loop, the config, the command line.
 """
-import argparse
-import errno
-import fcntl
-import functools
-import json
-import math
-import os
-import signal
-import socket
-import sys
-import tempfile
-import time
+import argparse, contextlib, errno, fcntl, functools, json, math, os, signal, socket, sys, tempfile, time
 from collections import namedtuple
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -46,12 +30,10 @@ from sort import diff_sort
 ROI_SAMPLING = -1  # roi_align's adaptive default, as the public run: ceil(bin side) samples per bin side
 
 def pair_queries(maps_t, maps_s, boxes, g, v, roi_size):
-    """RoI-align teacher crop g and student crop v over their intersection -> (B, roi_size^2, out) each, at least
-    float32 (under bf16 autocast the maps are bf16; the loss runs in float32)."""
-    B = boxes.shape[0]
+    """RoI-align teacher crop g and student crop v over their intersection -> (B, roi_size^2, out) each, float32."""
     map_t, map_s = (m.float() if m.element_size() < 4 else m for m in (maps_t[g], maps_s[v]))
     roi_g, roi_v = crop_intersection_rois(boxes[:, g], boxes[:, v], map_t.shape[1], map_s.shape[1])
-    batch_idx = torch.arange(B, device=boxes.device, dtype=boxes.dtype)[:, None]
+    batch_idx = torch.arange(boxes.shape[0], device=boxes.device, dtype=boxes.dtype)[:, None]
     queries = []
     for m, roi in ((map_t, roi_g), (map_s, roi_v)):
         rois = torch.cat([batch_idx, roi], 1).to(m.dtype)  # (B, 5): image index, x1, y1, x2, y2 in map cells
@@ -64,48 +46,39 @@ def pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg):
     """maps_t: 2 teacher maps (B, h, w, out); maps_s: V student maps; boxes (B, V, 4) in image pixels -> (sim_s,
     sim_t), each (10*B*Q, n_ref): cosine similarities of the query patches of the 10 pairs to their references."""
     sims_s, sims_t = [], []
-    for g in range(2):
-        for v in range(len(maps_s)):
-            if v == g:
-                continue
-            q_t, q_s = pair_queries(maps_t, maps_s, boxes, g, v, ncfg["roi_size"])  # (B, Q, out)
-            refs = F.normalize(refs_for_pair(g, q_t).float(), dim=-1)  # (B, n_ref, out)
-            sims_t.append(F.normalize(q_t, dim=-1) @ refs.transpose(1, 2))  # (B, Q, n_ref) cosine
-            sims_s.append(F.normalize(q_s, dim=-1) @ refs.transpose(1, 2))
-    n_ref = sims_s[0].shape[-1]
-    return torch.cat(sims_s).reshape(-1, n_ref), torch.cat(sims_t).reshape(-1, n_ref)
+    for g, v in [(g, v) for g in range(2) for v in range(len(maps_s)) if v != g]:
+        q_t, q_s = pair_queries(maps_t, maps_s, boxes, g, v, ncfg["roi_size"])  # (B, Q, out)
+        refs = F.normalize(refs_for_pair(g, q_t).float(), dim=-1)  # (B, n_ref, out)
+        sims_t.append(F.normalize(q_t, dim=-1) @ refs.transpose(1, 2))  # (B, Q, n_ref) cosine
+        sims_s.append(F.normalize(q_s, dim=-1) @ refs.transpose(1, 2))
+    return torch.cat(sims_s).flatten(0, 1), torch.cat(sims_t).flatten(0, 1)
 
 def sort_cross_entropy(sim_s, sim_t, ncfg):
     """sim_*: (R, n) similarities of R queries to n references, sorted each with its own steepness -> cross-entropy
     of the student's relaxed permutation matrices against the teacher's, summed over ranks, averaged over the rest."""
-    # check_finite=False: no host sync for a NaN check; non-finite similarities give a non-finite loss, and
-    # train_step skips that step on the device
+    # check_finite=False: no host sync for a NaN check (a non-finite loss skips the step on the device)
     kw = dict(network=ncfg["sort_network"], distribution=ncfg["sort_distribution"],
               art_lambda=ncfg["sort_art_lambda"], check_finite=False)
     with torch.no_grad():
         _, P_t = diff_sort(sim_t, steepness=ncfg["teacher_steepness"], **kw)  # (R, n, n)
     _, P_s = diff_sort(sim_s, steepness=ncfg["student_steepness"], **kw)
-    # P can hold exact zeros (logistic at high steepness underflows); clamping at the smallest normal float keeps
-    # log finite and leaves every entry that is not already denormal unchanged
+    # P can hold exact zeros (logistic at high steepness underflows): the smallest normal float keeps log finite
     log_P_s = torch.log(P_s.clamp_min(torch.finfo(P_s.dtype).tiny))
     return -(P_t * log_P_s).sum(-1).mean()
 
 def neco_loss(maps_t, maps_s, boxes, refs_for_pair, ncfg):
-    """The mean over the 10 (g, v) pairs of the sort cross-entropy: all pairs go through one sort call, and every
-    pair has B*Q rows, so the mean over rows is the mean over pairs."""
+    """The mean over the 10 (g, v) pairs of the sort cross-entropy (one sort call: every pair has B*Q rows)."""
     return sort_cross_entropy(*pair_similarities(maps_t, maps_s, boxes, refs_for_pair, ncfg), ncfg)
 
 # -----------------------------------------------------------------------------
-# reference patches: a FIFO queue of teacher patches per global crop, or the batch itself. Under torchrun every rank
-# draws the same random numbers for the whole (global) batch from the shared generator and keeps its slice, so N
-# ranks reproduce the single-process step exactly
+# reference patches: a FIFO queue of teacher patches per global crop, or the batch itself. Every rank draws for the
+# global batch from the shared generator and keeps its slice: N ranks reproduce the single-process step
 class PatchQueue:
     """queue[g] holds the latest teacher head embeddings of global crop g (FIFO). Only filled rows are sampled."""
 
     def __init__(self, size, dim, device):
         self.feats = torch.zeros(2, size, dim, device=device)
-        self.ptr = [0, 0]
-        self.filled = [0, 0]
+        self.ptr, self.filled = [0, 0], [0, 0]
 
     def push(self, g, patches, count, gen):
         """Write `count` random rows of patches (M, dim) at the pointer, wrapping around."""
@@ -118,8 +91,7 @@ class PatchQueue:
         self.filled[g] = min(self.filled[g] + count, size)
 
     def sample(self, g, rows, n, gen):
-        """(rows, n, dim): n distinct filled rows of queue g per image, distinct over the whole draw when the queue holds
-        enough (as the public code once its queue is full); host-int counts: no sync."""
+        """(rows, n, dim): n distinct filled rows per image, over the whole draw too if the queue holds enough."""
         filled = self.filled[g]
         if rows * n <= filled:
             idx = torch.randperm(filled, generator=gen, device=gen.device)[:rows * n].view(rows, n)
@@ -135,37 +107,31 @@ class PatchQueue:
         self.feats.copy_(state["feats"])
         self.ptr, self.filled = list(state["ptr"]), list(state["filled"])
 
-def distributed():
-    return dist.is_available() and dist.is_initialized()
+def world_size():  # the number of processes (torchrun)
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-def all_gather_cat(x):
-    """Concatenate x over ranks in rank order (identity without torch.distributed)."""
-    if not distributed():
+def all_gather_cat(x):  # concatenated over the ranks, in rank order
+    if world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
-def rank_slice(x, B):
-    """This rank's B rows of a tensor drawn for the whole batch."""
-    rank = dist.get_rank() if distributed() else 0
-    return x[rank * B:(rank + 1) * B]
+def rank_slice(x, B):  # this rank's B rows of a tensor drawn for the whole batch
+    start = dist.get_rank() * B if world_size() > 1 else 0
+    return x[start:start + B]
 
 def make_reference_sampler(ncfg, queue, gen, B):
     """refs_for_pair(g, q_t) -> (B, num_references, out): this rank's references for global crop g."""
-    n_ref = ncfg["num_references"]
+    n_ref, global_B = ncfg["num_references"], B * world_size()
 
-    def from_queue(g, q_t):
-        global_B = B * (dist.get_world_size() if distributed() else 1)
-        return rank_slice(queue.sample(g, global_B, n_ref, gen), B)
-
-    def from_batch(g, q_t):
+    def refs_for_pair(g, q_t):
+        if ncfg["references"] == "queue":
+            return rank_slice(queue.sample(g, global_B, n_ref, gen), B)
         pool = all_gather_cat(q_t.detach()).flatten(0, 1)  # (global_B * Q, out): mostly other images' patches
-        global_B = pool.shape[0] // q_t.shape[1]
         pick = torch.randperm(pool.shape[0], generator=gen, device=gen.device)[:global_B * n_ref]
         return rank_slice(pool[pick.to(pool.device)].unflatten(0, (global_B, n_ref)), B)
-
-    return from_queue if ncfg["references"] == "queue" else from_batch
+    return refs_for_pair
 
 # -----------------------------------------------------------------------------
 # the networks: backbone + projection head, applied to every patch token
@@ -174,12 +140,10 @@ class NeCoModel(nn.Module):
 
     def __init__(self, backbone, head):
         super().__init__()
-        self.backbone = backbone
-        self.head = head
+        self.backbone, self.head = backbone, head
 
     def forward(self, views):
-        """views: list of (B, 3, s, s) crops -> list of (B, s/14, s/14, out) projected patch maps.
-        Crops of the same size go through the backbone together (one call per size, as DINO's multi-crop wrapper)."""
+        """(B, 3, s, s) crops -> (B, s/p, s/p, out) maps; one backbone call per crop size (DINO's multi-crop)."""
         outs = [None] * len(views)
         for size in sorted({v.shape[-1] for v in views}, reverse=True):
             idx = [i for i, v in enumerate(views) if v.shape[-1] == size]
@@ -209,16 +173,13 @@ def build_models(cfg):
 # the training step. It never waits for the GPU: the loss and its "finite" flag stay on the device, and a
 # non-finite step is skipped there. The phases are named for the profiler (python bench.py train)
 def augment_views(crops, gen, per_rank):
-    """uint8 crops (B, 3, s, s) per view -> augmented, normalised float crops (data.augment_batch), the parameters
-    drawn for the global batch (per_rank images per rank)."""
-    world = dist.get_world_size() if distributed() else 1
+    """uint8 crops (B, 3, s, s) per view -> augmented float crops, the parameters drawn for the global batch."""
     with record_function("augment"):
-        return [augment_batch(view, {key: rank_slice(value, per_rank)
-                                     for key, value in photometric_params(per_rank * world, gen).items()})
+        return [augment_batch(view, {key: rank_slice(value, per_rank)  # each view its own draw
+                                     for key, value in photometric_params(per_rank * world_size(), gen).items()})
                 for view in crops]
 
-def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast,
-               momentum):
+def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, refs_for_pair, cfg, autocast, momentum):
     """One NeCo step on crops (2 global + local views) and boxes (B, V, 4); model: the student or its DDP wrapper.
     -> (loss, finite) on the device; a loss not finite on every rank leaves everything untouched."""
     with record_function("teacher"), torch.no_grad(), autocast:
@@ -232,7 +193,7 @@ def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, ref
     with record_function("loss"):
         loss = neco_loss(maps_t, maps_s, boxes, refs_for_pair, cfg["neco"])
         finite = torch.isfinite(loss)
-        if distributed():  # every rank skips together
+        if world_size() > 1:  # every rank skips together
             finite = finite.float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             finite = finite > 0
@@ -260,9 +221,8 @@ def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, ref
 # optimizer and per-step schedules
 def param_groups(student, cfg):
     """Four AdamW groups: backbone / head x decay / no decay (biases and 1-D parameters: norms, LayerScale)."""
-    o = cfg["optim"]
     groups = []
-    for part, lr in (("backbone", o["lr_backbone"]), ("head", o["lr_head"])):
+    for part, lr in (("backbone", cfg["optim"]["lr_backbone"]), ("head", cfg["optim"]["lr_head"])):
         decay, no_decay = [], []
         for name, p in getattr(student, part).named_parameters():
             (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
@@ -275,45 +235,35 @@ def make_optimizer(student, cfg):
     return torch.optim.AdamW(param_groups(student, cfg), lr=o["lr_backbone"], betas=tuple(o["betas"]),
                              weight_decay=o["weight_decay"], fused=cfg["train"]["fused_adamw"])
 
-def cosine(start, end, step, total):
-    """Cosine from start (step 0) to end (step total), per step."""
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / total))
-
 def schedules(cfg, step, total):
-    o = cfg["optim"]
-    return {"lr_scale": cosine(1.0, 0.0, step, total),
-            "wd": cosine(o["weight_decay"], o["weight_decay_end"], step, total),
-            "momentum": cosine(o["momentum_teacher"], o["momentum_teacher_end"], step, total)}
+    """The lr scale, weight decay and teacher momentum of this step: cosine per step from start to end value."""
+    o, c = cfg["optim"], 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # 1 at step 0, 0 at total
+    return {"lr_scale": c, "wd": o["weight_decay_end"] + c * (o["weight_decay"] - o["weight_decay_end"]),
+            "momentum": o["momentum_teacher_end"] + c * (o["momentum_teacher"] - o["momentum_teacher_end"])}
 
-def set_schedule(optimizer, cfg, step, total):
-    """Set the learning rates and weight decays of this step; returns the schedule values."""
+def set_schedule(optimizer, cfg, step, total):  # this step's learning rates and weight decays -> schedules()
     sched = schedules(cfg, step, total)
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * sched["lr_scale"]
-        if group["apply_wd"]:
-            group["weight_decay"] = sched["wd"]
+        group["lr"], group["weight_decay"] = group["base_lr"] * sched["lr_scale"], sched["wd"] * group["apply_wd"]
     return sched
 
 # -----------------------------------------------------------------------------
-# checkpoints: everything needed to continue bit for bit, written atomically. Nothing in training draws from
-# Python's or numpy's generators (the loader's crops come from torch under per-sample seeds), so torch's are saved
+# checkpoints: all that continues a run bit for bit (torch's generators: nothing draws from Python's or numpy's)
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many bad steps in a row, a file that cannot be written): reported as one line."""
 
 def disk_error(e, path):
-    """The OSError in e's chain (torch.save wraps it in a RuntimeError) as one line naming path; None if none."""
+    """The OSError in e's chain (torch.save wraps it) as a one-line TrainingStopped naming path; None if none."""
     while e is not None and not isinstance(e, OSError):
         e = e.__cause__ or e.__context__
-    if e is None:
-        return None
-    if e.errno == errno.ENOSPC:
-        return f"no space left on {path.parent} (writing {path.name}): free some space, then re-run to resume"
-    return f"cannot write {path} ({e.strerror or e}): fix the folder or choose another out_dir, then re-run"
+    if e is not None:
+        problem = (f"no space left on {path.parent} (writing {path.name}): free some space" if e.errno == errno.ENOSPC
+                   else f"cannot write {path} ({e.strerror or e}): fix the folder or choose another out_dir")
+        return TrainingStopped(problem + ", then re-run to resume")
 
 def write_atomic(path, write, commit=True):
-    """write(f) into path.tmp, fsync; with commit rename it over path and fsync the folder: a kill or power loss leaves
-    the old file or the new one. On failure path.tmp goes (a full disk stays usable), an OSError is one line."""
-    tmp = path.with_name(path.name + ".tmp")
+    """write(f) into path.tmp and fsync; commit renames it over path: a kill leaves the old file or the new one."""
+    tmp = Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -322,24 +272,19 @@ def write_atomic(path, write, commit=True):
         if commit:
             commit_atomic(path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        message = disk_error(e, path) if isinstance(e, (OSError, RuntimeError)) else None
-        if message:
-            raise TrainingStopped(message) from None
-        raise
+        tmp.unlink(missing_ok=True)  # a full disk stays usable
+        raise disk_error(e, path) or e  # a disk error as one line, anything else as it is
 
-def commit_atomic(path):
-    """Rename path.tmp (written and fsynced by write_atomic) over path, then fsync the folder (the rename itself)."""
+def commit_atomic(path):  # rename path.tmp over path, then fsync the folder, which holds the rename
     try:
-        os.replace(path.with_name(path.name + ".tmp"), path)
+        os.replace(f"{path}.tmp", path)
         folder = os.open(path.parent, os.O_RDONLY)
         os.fsync(folder)
         os.close(folder)
     except OSError as e:
-        raise TrainingStopped(disk_error(e, path)) from None
+        raise disk_error(e, path) from None
 
 def save_checkpoint(path, state, commit=True):
-    """Atomic torch.save (write_atomic); without commit it stays in path.tmp until commit_atomic(path)."""
     write_atomic(path, lambda f: torch.save(state, f), commit)
 
 # keys a resume may change (with their sub-keys): where and how fast the run goes, and the learning rates (the advice
@@ -349,33 +294,26 @@ RESUME_MAY_CHANGE = ("out_dir", "eval", "model.weights", "data.num_workers", "da
 
 def check_same_run(ckpt_cfg, cfg, path):
     """Refuse a resume whose run-defining settings differ (a changed batch size would recompute the schedule)."""
-    old, new = dict(dotted_items(ckpt_cfg)), dict(dotted_items(cfg))
+    old, new, free = dict(dotted_items(ckpt_cfg)), dict(dotted_items(cfg)), tuple(k + "." for k in RESUME_MAY_CHANGE)
     show = lambda c, k: repr(c[k]) if k in c else "(not set)"
     changed = [f"{k} {show(old, k)} -> {show(new, k)}" for k in sorted(old.keys() | new.keys())
-               if old.get(k, ()) != new.get(k, ()) and not any(k == p or k.startswith(p + ".")
-                                                                for p in RESUME_MAY_CHANGE)]
+               if old.get(k, ()) != new.get(k, ()) and not f"{k}.".startswith(free)]
     if changed:
         raise ConfigError(f"'{path}' holds a run with other settings ({', '.join(changed)}): re-run with its "
                           f"values, or start afresh with another out_dir (or move {path} away)")
 
 def trim_log(log_path, step):
-    """Keep the log lines up to the checkpoint's step (no checkpoint: a fresh log), drop lines that do not parse (cut
-    off by a full disk or a power loss); rewritten atomically."""
-    def write(out):
-        if log_path.is_file():
-            with open(log_path, "rb") as f:
-                for line in f:
-                    try:
-                        keep = json.loads(line)["step"] <= step
-                    except (ValueError, KeyError, TypeError):
-                        continue
-                    if keep:
-                        out.write(line.rstrip(b"\n") + b"\n")
-    write_atomic(log_path, write)
+    """Keep the log lines up to step, drop those that do not parse (cut off by a full disk or a power loss)."""
+    def keep(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+    lines = log_path.read_bytes().split(b"\n") if log_path.is_file() else []
+    write_atomic(log_path, lambda f: f.write(b"".join(line + b"\n" for line in lines if keep(line))))
 
 def lock_out_dir(out_dir):
-    """Create out_dir, check that files can be created in it, and lock out_dir/train.lock for the life of the run
-    (the kernel releases it however the process ends)."""
+    """Create out_dir, check that files can be created in it, lock out_dir/train.lock while the process lives."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()  # what writing last.pt.tmp needs
@@ -383,23 +321,20 @@ def lock_out_dir(out_dir):
     except OSError as e:
         raise ConfigError(f"out_dir '{out_dir}' is not writable ({e.strerror}): choose another out_dir")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it however the process ends
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "another process"
         lock.close()
         raise ConfigError(f"out_dir '{out_dir}' is in use by {holder}: wait for it to end or choose another out_dir")
     except OSError as e:  # a file system without locks (some network mounts): run, but say so
-        print(f"warning: cannot lock {lock.name} ({e.strerror}): nothing stops a second run on this out_dir",
-              file=sys.stderr)
+        print(f"warning: cannot lock {lock.name} ({e.strerror}): nothing stops a second run here", file=sys.stderr)
     lock.truncate(0)
-    lock.write(f"train.py (pid {os.getpid()} on {socket.gethostname()})\n")
-    lock.flush()
+    print(f"train.py (pid {os.getpid()} on {socket.gethostname()})", file=lock, flush=True)
     return lock
 
 # -----------------------------------------------------------------------------
-# the loop. The batch order is a function of (seed, epoch) and each sample's crops of (seed, epoch, index), so a
-# resumed run sees exactly the batches an uninterrupted one would
+# the loop. Batches and crops are functions of (seed, epoch, index): a resumed run sees those of an uninterrupted one
 class Interrupted(BaseException):
     """SIGINT or SIGTERM; a BaseException (as KeyboardInterrupt), so that no `except Exception` swallows it."""
 
@@ -407,54 +342,37 @@ class Interrupted(BaseException):
         super().__init__(message)
         self.signum = signum
 
-def on_signal(stop, signum, frame):
-    """SIGINT/SIGTERM: before the loop stop at once; in the loop the current step ends, then the run saves."""
+def on_signal(stop, signum, frame):  # before the loop stop at once; in it the current step ends, then the run saves
     stop["signum"] = stop["signum"] or signum
     if not stop["in_loop"]:
         raise Interrupted(signum, "before the first step (nothing new to save)")
 
-def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single-process run."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
-
-def over_ranks(values, device, op="SUM"):
-    """Host ints of this rank -> their elementwise SUM (or MAX) over the ranks; unchanged in one process."""
-    if not distributed():
+def over_ranks(values, device, op="SUM"):  # this rank's host ints -> their elementwise SUM (or MAX) over the ranks
+    if world_size() == 1:
         return values
     total = torch.tensor(values, device=device)
     dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
     return total.tolist()
 
-def epoch_batches(n_images, batch, epoch, seed, start, rank, world):
-    """Index lists of this rank's share of each global batch of the epoch, from batch `start` on (drop last)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n_images, generator=g).tolist()
+def epoch_batches(n_images, batch, epoch, seed, start, rank, world):  # this rank's share of each batch from `start`
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     per_rank = batch // world
-    return [order[b * batch + rank * per_rank: b * batch + (rank + 1) * per_rank]
+    return [order[b * batch + rank * per_rank:b * batch + (rank + 1) * per_rank]
             for b in range(start, n_images // batch)]
 
-def ignore_stop_signals(worker_id):
-    """Ctrl-C and schedulers signal the whole process group: workers leave SIGINT/SIGTERM to the main process,
-    which saves and then ends them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def ignore_stop_signals(worker_id):  # Ctrl-C signals the process group: the main process saves, then ends workers
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 def make_loader(dataset, batches, cfg, device):
     workers = cfg["data"]["num_workers"]
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate_multicrop, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-        generator=torch.Generator(),  # its own generator: the loader never draws from the global RNG
-        worker_init_fn=ignore_stop_signals)
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator())  # its own generator: the loader never draws from the global RNG
 
 def speed_settings(student, teacher, cfg, compile_backend="inductor"):
-    """The train.* switches of speed and memory, not of the method. torch.compile block by block keeps the loop over
-    blocks (and activation checkpointing around each) as it is."""
+    """The train.* switches of speed and memory; compiling block by block keeps activation checkpointing as it is."""
     t = cfg["train"]
     student.backbone.grad_checkpointing = t["grad_checkpointing"]
     for net in (student, teacher):
@@ -463,168 +381,139 @@ def speed_settings(student, teacher, cfg, compile_backend="inductor"):
             for block in net.backbone.blocks:
                 block.compile(backend=compile_backend)
 
-def make_autocast(cfg, device):
-    """bf16 autocast of the networks on CUDA (train.precision bf16); a no-op context otherwise."""
-    return torch.autocast("cuda", dtype=torch.bfloat16,
-                          enabled=device.type == "cuda" and cfg["train"]["precision"] == "bf16")
+def make_autocast(cfg, device):  # bf16 autocast of the networks on CUDA (train.precision bf16), else a no-op
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and cfg["train"]["precision"] == "bf16")
 
-# a step whose loss and finite flag (device tensors) are read at the next log point
-Pending = namedtuple("Pending", "step epoch sched loss finite n_unreadable")
+Pending = namedtuple("Pending", "step epoch sched loss finite n_unreadable")  # loss, finite: read at the next log
+COUNTERS = ("step", "skipped_images", "bad_steps", "elapsed_s")  # the counters a checkpoint holds
 
-@dataclass
 class Run:
-    """What the loop's small functions share: the run's objects, its files and its counters."""
-    cfg: dict
-    student: nn.Module
-    teacher: nn.Module
-    optimizer: torch.optim.Optimizer
-    queue: PatchQueue
-    gen: torch.Generator  # queue and reference draws, on-device augmentation: the same on all ranks
-    device: torch.device
-    dataset: TrainImages
-    is_main: bool
-    total_steps: int  # the schedules span them
-    stop_step: int  # train.max_steps, or total_steps
-    ckpt_path: Path
-    log_path: Path
-    step: int = 0  # the checkpointed counters: step .. elapsed_s
-    skipped_images: int = 0
-    bad_steps: int = 0
-    elapsed_s: float = 0.0
-    bad_in_a_row: int = 0
-    kept_step: Optional[int] = None  # the step of last.pt (None: no checkpoint)
-    unverified: Optional[int] = None  # the step of last.pt.tmp, kept once a later step's loss is finite
-    losses: list = field(default_factory=list)  # the finite losses since this process started
-    pending: list = field(default_factory=list)  # Pending steps
-    t_last: float = 0.0
-    log: object = None
-    bar: object = None
+    """What the loop shares: data, models, optimizer, queue, files and counters, from <out_dir>/last.pt if any."""
 
-def start_run(cfg, demo, rank, world):
-    """The run's data, models, optimizer and queue, continued from <out_dir>/last.pt if there is one (checked first)."""
-    o, d, mx = cfg["optim"], cfg["data"], cfg["train"]["max_steps"]
-    if o["batch_size"] % world:
-        raise ConfigError(f"optim.batch_size {o['batch_size']} must be divisible by the {world} processes")
-    device = pick_device(cfg["train"]["device"])
-    torch.manual_seed(cfg["seed"])
-    out_dir, ckpt = Path(cfg["out_dir"]), None
-    if (out_dir / "last.pt").is_file():
+    def __init__(self, cfg, demo, rank, world):
+        o, d, max_steps = cfg["optim"], cfg["data"], cfg["train"]["max_steps"]
+        if o["batch_size"] % world:
+            raise ConfigError(f"optim.batch_size {o['batch_size']} must be divisible by the {world} processes")
+        self.cfg, self.device, self.is_main = cfg, pick_device(cfg["train"]["device"]), rank == 0
+        self.ckpt_path, self.log_path, ckpt = Path(cfg["out_dir"]) / "last.pt", Path(cfg["out_dir"]) / "log.jsonl", None
+        torch.manual_seed(cfg["seed"])
+        if self.ckpt_path.is_file():  # checked before anything is loaded
+            try:
+                ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ConfigError(f"checkpoint '{self.ckpt_path}' cannot be read ({type(e).__name__}): move it away")
+            check_same_run(ckpt["config"], cfg, self.ckpt_path)
+        if demo:  # the synthetic scenes of data.py, in data/synthetic/ (rewritten unless a previous call completed)
+            make_synthetic_voc()
+        self.dataset = TrainImages(d["root"], MultiCrop(
+            d["global_size"], d["local_size"], tuple(d["global_scale"]), tuple(d["local_scale"]), d["n_local"],
+            d["min_overlap"], on_device=d["augment_on_device"]), seed=cfg["seed"])
+        if len(self.dataset) < o["batch_size"]:
+            raise ConfigError(f"data.root '{d['root']}' has {len(self.dataset)} images, fewer than optim.batch_size")
+        self.total_steps = o["epochs"] * (len(self.dataset) // o["batch_size"])  # the schedules span them
+        self.stop_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         try:
-            ckpt = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ConfigError(f"checkpoint '{out_dir / 'last.pt'}' cannot be read ({type(e).__name__}); move it away "
-                              f"to start afresh")
-        check_same_run(ckpt["config"], cfg, out_dir / "last.pt")
-    if demo:  # the synthetic scenes of data.py, in data/synthetic/ (rewritten unless a previous call completed)
-        make_synthetic_voc()
-    transform = MultiCrop(d["global_size"], d["local_size"], tuple(d["global_scale"]), tuple(d["local_scale"]),
-                          d["n_local"], d["min_overlap"], on_device=d["augment_on_device"])
-    dataset = TrainImages(d["root"], transform, seed=cfg["seed"])
-    if len(dataset) < o["batch_size"]:
-        raise ConfigError(f"data.root '{d['root']}' has {len(dataset)} images, fewer than optim.batch_size "
-                          f"{o['batch_size']}")
-    total = o["epochs"] * (len(dataset) // o["batch_size"])
-    try:
-        student, teacher = build_models(cfg)
-    except (ValueError, RuntimeError) as e:  # unknown arch, checkpoint keys that do not match the arch
-        raise ConfigError(f"model: {e}")
-    run = Run(cfg, student.to(device).train(), teacher.to(device).eval(), make_optimizer(student, cfg),
-              PatchQueue(cfg["neco"]["queue_size"], cfg["model"]["head_out"], device),
-              torch.Generator(device=device).manual_seed(cfg["seed"]), device, dataset, rank == 0, total,
-              total if mx is None else min(total, mx), out_dir / "last.pt", out_dir / "log.jsonl")
-    if ckpt:
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, fresh in zip(run.optimizer.param_groups, param_groups(student, cfg)):
-            group["base_lr"] = fresh["base_lr"]  # the learning rates may change on resume (RESUME_MAY_CHANGE)
-        run.queue.load_state_dict(ckpt["queue"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        run.gen.set_state(ckpt["rng"]["shared"])
-        run.step = run.kept_step = ckpt["step"]
-        run.skipped_images, run.bad_steps, run.elapsed_s = ckpt["skipped_images"], ckpt["bad_steps"], ckpt["elapsed_s"]
-        if run.is_main:
-            print(f"resuming from {run.ckpt_path} at step {run.step}/{total}")
-    if run.is_main:
-        trim_log(run.log_path, run.step)  # no checkpoint: a fresh log (a run that never saved left nothing to continue)
-    return run
+            student, teacher = build_models(cfg)
+        except (ValueError, RuntimeError) as e:  # checkpoint keys that do not match the arch
+            raise ConfigError(f"model: {e}")
+        self.student, self.teacher = student.to(self.device).train(), teacher.to(self.device).eval()
+        self.optimizer = make_optimizer(student, cfg)
+        self.queue = PatchQueue(cfg["neco"]["queue_size"], cfg["model"]["head_out"], self.device)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg["seed"])  # the same draws on every rank
+        self.step = self.skipped_images = self.bad_steps = self.bad_in_a_row = 0
+        self.elapsed_s, self.t_last, self.log, self.bar = 0.0, time.time(), None, None
+        self.kept_step = self.unverified = None  # the steps of last.pt and last.pt.tmp (None: no such file)
+        self.losses, self.pending = [], []  # the finite losses of this process; Pending steps
+        if ckpt:  # continue where save left off, with the learning rates of the config (a resume may change them)
+            for name in ("student", "teacher", "optimizer", "queue"):
+                getattr(self, name).load_state_dict(ckpt[name])
+            for group, fresh in zip(self.optimizer.param_groups, param_groups(self.student, cfg)):
+                group["base_lr"] = fresh["base_lr"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            self.gen.set_state(ckpt["rng"]["shared"])
+            for key in COUNTERS:
+                setattr(self, key, ckpt[key])
+            self.kept_step = self.step
+            if self.is_main:
+                print(f"resuming from {self.ckpt_path} at step {self.step}/{self.total_steps}")
+        if self.is_main:
+            trim_log(self.log_path, self.step)  # no checkpoint: a fresh log (a run that never saved left nothing)
 
-def save(run, commit):
-    """Write last.pt.tmp; with commit (the end, a signal) it becomes last.pt at once, else once a later step had a
-    finite loss (flush_log): after lr 1e6 a finite step can wreck the weights, which must not become last.pt."""
-    if run.is_main:
-        save_checkpoint(run.ckpt_path, {
-            "student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "queue": run.queue.state_dict(), "rng": {
-                "torch": torch.get_rng_state(), "shared": run.gen.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "step": run.step, "config": run.cfg, "skipped_images": run.skipped_images, "bad_steps": run.bad_steps,
-            "elapsed_s": run.elapsed_s}, commit)
-    run.kept_step, run.unverified = (run.step, None) if commit else (run.kept_step, run.step)
+    def save(self, commit):
+        """Write last.pt.tmp; with commit (the end, a signal) it becomes last.pt at once, else once a later step had
+        a finite loss (flush_log): after lr 1e6 a finite step can wreck the weights, which must not become last.pt."""
+        if self.is_main:
+            save_checkpoint(self.ckpt_path, {
+                "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "queue": self.queue.state_dict(), "config": self.cfg,
+                "rng": {"torch": torch.get_rng_state(), "shared": self.gen.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                **{key: getattr(self, key) for key in COUNTERS}}, commit)
+        self.kept_step, self.unverified = (self.step, None) if commit else (self.kept_step, self.step)
 
-def flush_log(run):
-    """Read the pending losses (one transfer), write their log lines, count unreadable images and non-finite steps,
-    commit last.pt.tmp once a later step was finite; stop after train.max_bad_steps in a row."""
-    if not run.pending:
-        return
-    o = run.cfg["optim"]
-    values = torch.stack([torch.stack([p.loss.float(), p.finite.float()]) for p in run.pending]).tolist()
-    unreadable = over_ranks([p.n_unreadable for p in run.pending], run.device)
-    now = time.time()
-    img_per_s = len(run.pending) * o["batch_size"] / max(now - run.t_last, 1e-9)
-    run.elapsed_s, run.t_last, verified = run.elapsed_s + now - run.t_last, now, False
-    try:
-        for p, (loss, finite), n_unreadable in zip(run.pending, values, unreadable):
-            run.skipped_images += n_unreadable
-            if finite:
-                run.bad_in_a_row = 0
-                run.losses.append(loss)
-                verified |= run.unverified is not None and p.step > run.unverified
-            else:
-                run.bad_steps += 1
-                run.bad_in_a_row += 1
-            if run.is_main:
-                run.log.write(json.dumps({
-                    "step": p.step, "epoch": p.epoch, "loss": loss if finite else None,
-                    "lr": o["lr_backbone"] * p.sched["lr_scale"], "lr_head": o["lr_head"] * p.sched["lr_scale"],
-                    "wd": p.sched["wd"], "momentum": p.sched["momentum"], "img_per_s": round(img_per_s, 2),
-                    "skipped_images": run.skipped_images, "bad_steps": run.bad_steps}) + "\n")
-        if run.is_main:
-            run.log.flush()
-    except OSError as e:
-        raise TrainingStopped(disk_error(e, run.log_path)) from None
-    lr = o["lr_backbone"] * run.pending[-1].sched["lr_scale"]
-    run.pending.clear()
-    if verified:  # the weights of last.pt.tmp have given a finite loss: they become last.pt
-        if run.is_main:
-            os.fsync(run.log.fileno())
-            commit_atomic(run.ckpt_path)
-        run.kept_step, run.unverified = run.unverified, None
-    run.bar.set_postfix(loss=f"{run.losses[-1]:.4f}" if run.losses else "-", lr=f"{lr:.2e}",
-                        img_s=f"{img_per_s:.1f}", refresh=False)
-    if run.bad_in_a_row >= run.cfg["train"]["max_bad_steps"]:
-        if run.is_main:
-            run.ckpt_path.with_name(run.ckpt_path.name + ".tmp").unlink(missing_ok=True)
-        kept = f"{run.ckpt_path} keeps step {run.kept_step}" if run.kept_step is not None else "no checkpoint was kept"
-        raise TrainingStopped(f"{run.bad_in_a_row} steps in a row had a non-finite loss (step {run.step}); {kept}: "
-                              f"re-run with a lower optim.lr_backbone (and lr_head)")
+    def flush_log(self):
+        """Read the pending losses (one transfer), write their log lines, count unreadable images and non-finite
+        steps, commit last.pt.tmp once a later step was finite; stop after train.max_bad_steps in a row."""
+        if not self.pending:
+            return
+        o, now, verified = self.cfg["optim"], time.time(), False
+        values = torch.stack([torch.stack([p.loss.float(), p.finite.float()]) for p in self.pending]).tolist()
+        unreadable = over_ranks([p.n_unreadable for p in self.pending], self.device)
+        img_per_s = len(self.pending) * o["batch_size"] / max(now - self.t_last, 1e-9)
+        self.elapsed_s, self.t_last = self.elapsed_s + now - self.t_last, now
+        try:
+            for p, (loss, finite), n_unreadable in zip(self.pending, values, unreadable):
+                self.skipped_images, self.bad_steps = self.skipped_images + n_unreadable, self.bad_steps + (not finite)
+                self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+                if finite:
+                    self.losses.append(loss)
+                    verified |= self.unverified is not None and p.step > self.unverified
+                if self.is_main:
+                    self.log.write(json.dumps({
+                        "step": p.step, "epoch": p.epoch, "loss": loss if finite else None,
+                        "lr": o["lr_backbone"] * p.sched["lr_scale"], "lr_head": o["lr_head"] * p.sched["lr_scale"],
+                        "wd": p.sched["wd"], "momentum": p.sched["momentum"], "img_per_s": round(img_per_s, 2),
+                        "skipped_images": self.skipped_images, "bad_steps": self.bad_steps}) + "\n")
+            if self.is_main:
+                self.log.flush()
+                if verified:  # the log reaches the disk before the checkpoint it leads up to
+                    os.fsync(self.log.fileno())
+        except OSError as e:
+            raise disk_error(e, self.log_path) from None
+        if verified:  # the weights of last.pt.tmp have given a finite loss: they become last.pt
+            if self.is_main:
+                commit_atomic(self.ckpt_path)
+            self.kept_step, self.unverified = self.unverified, None
+        lr = o["lr_backbone"] * self.pending[-1].sched["lr_scale"]
+        self.pending.clear()
+        self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}" if self.losses else "-", lr=f"{lr:.2e}",
+                             img_s=f"{img_per_s:.1f}", refresh=False)
+        if self.bad_in_a_row >= self.cfg["train"]["max_bad_steps"]:
+            if self.is_main:
+                Path(f"{self.ckpt_path}.tmp").unlink(missing_ok=True)
+            kept = ("no checkpoint was kept" if self.kept_step is None
+                    else f"{self.ckpt_path} keeps step {self.kept_step}")
+            raise TrainingStopped(f"{self.bad_in_a_row} steps in a row had a non-finite loss (step {self.step}); "
+                                  f"{kept}: re-run with a lower optim.lr_backbone (and lr_head)")
 
 def train(cfg, demo=False):
-    """The whole run -> the last step. out_dir is locked (rank 0); SIGINT/SIGTERM end the current step, save and
-    raise Interrupted."""
-    rank, world = setup_distributed()
+    """The whole run -> the last step. SIGINT/SIGTERM end the current step, save and raise Interrupted."""
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        rank = dist.get_rank()
     lock = lock_out_dir(Path(cfg["out_dir"])) if rank == 0 else None
     stop, run = {"signum": 0, "in_loop": False}, None
     previous = {s: signal.signal(s, functools.partial(on_signal, stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run = start_run(cfg, demo, rank, world)
+        run = Run(cfg, demo, rank, world)
         o, t, per_rank = cfg["optim"], cfg["train"], cfg["optim"]["batch_size"] // world
-        model = run.student
-        if world > 1:
-            model = nn.parallel.DistributedDataParallel(
-                run.student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        model = run.student if world == 1 else nn.parallel.DistributedDataParallel(
+            run.student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
         speed_settings(run.student, run.teacher, cfg)
         autocast = make_autocast(cfg, run.device)
         refs_for_pair = make_reference_sampler(cfg["neco"], run.queue, run.gen, per_rank)
@@ -639,11 +528,10 @@ def train(cfg, demo=False):
                                                           run.device):
                 if crops is None:  # READ_ATTEMPTS unreadable files in a row: the folder is gone or holds no images
                     if world == 1:  # (under torchrun the other ranks wait in a collective: no checkpoint there)
-                        flush_log(run)
-                        save(run, commit=True)
-                    raise ConfigError(f"data.root '{cfg['data']['root']}': {READ_ATTEMPTS} image files in a row "
-                                      f"could not be read (the warnings above name them); check the folder, then "
-                                      f"re-run")
+                        run.flush_log()
+                        run.save(commit=True)
+                    raise ConfigError(f"data.root '{cfg['data']['root']}': {READ_ATTEMPTS} image files in a row could "
+                                      f"not be read (the warnings above name them); check the folder, then re-run")
                 sched = set_schedule(run.optimizer, cfg, run.step, run.total_steps)
                 crops = [c.to(run.device, non_blocking=True) for c in crops]
                 if cfg["data"]["augment_on_device"]:
@@ -660,23 +548,21 @@ def train(cfg, demo=False):
                 agree = (at_log or world == 1) and run.step < run.stop_step
                 signum = over_ranks([stop["signum"]], run.device, "MAX")[0] if agree else 0
                 if at_log or signum:
-                    flush_log(run)
+                    run.flush_log()
                 if run.step % t["ckpt_every"] == 0 or run.step == run.stop_step or signum:
-                    save(run, commit=run.step == run.stop_step or bool(signum))
+                    run.save(commit=run.step == run.stop_step or bool(signum))
                 if signum:
                     raise Interrupted(signum, f"at step {run.step}; checkpoint saved to {run.ckpt_path}; re-run the "
                                               f"same command to resume")
         if not run.ckpt_path.is_file():  # max_steps 0: the starting weights, e.g. as the baseline of an evaluation
-            save(run, commit=True)
+            run.save(commit=True)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if run and run.bar:
-            run.bar.close()
-        if lock:
-            lock.close()
+        for f in ([run.bar, run.log] if run else []) + [lock]:
+            if f is not None:
+                f.close()
     if run.is_main:
-        run.log.close()
         first, last = (sum(x) / len(x) if x else float("nan") for x in (run.losses[:5], run.losses[-5:]))
         print(f"done: step {run.step}/{run.total_steps}, loss {first:.4f} -> {last:.4f} (first/last 5 steps of this "
               f"process), {run.elapsed_s / 60:.1f} min, {run.skipped_images} unreadable images replaced, "
@@ -686,59 +572,53 @@ def train(cfg, demo=False):
     return run.step
 
 # -----------------------------------------------------------------------------
-# config: one YAML file, every key overridable with --set section.key=value, checked by the table below before
-# anything is loaded. evaluate.py and bench.py use load_config, validate and pick_device too
+# config: one YAML file, any key overridable with --set section.key=value, checked by the table below (evaluate.py
+# and bench.py use load_config, validate and pick_device too)
 class ConfigError(ValueError):
     """A mistake in the config or on the command line: reported as one line, no traceback."""
 
 def parse_set(pair):
-    """'a.b=value' -> ('a.b', value), the value read as YAML."""
-    if "=" not in pair:
+    """'a.b=value' -> ('a.b', value), the value read as YAML (and 1e-5, a string to YAML 1.1, as the number)."""
+    key, is_pair, value = pair.partition("=")
+    if not is_pair:
         raise ConfigError(f"--set expects key=value, got '{pair}'")
-    key, text = pair.split("=", 1)
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string; a user means the number
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    with contextlib.suppress(yaml.YAMLError, ValueError):  # not YAML, not a number: the text as it is
+        value = yaml.safe_load(value) if value.strip() else None
+        value = float(value) if isinstance(value, str) else value
     return key.strip(), value
 
 def set_key(cfg, dotted, value):
-    """Set cfg['a']['b'] = value for dotted = 'a.b', refusing keys the config does not have and other types."""
+    """cfg['a']['b'] = value for dotted 'a.b', refusing keys the config does not have and whole sections."""
     *parents, last = dotted.split(".")
     node = cfg
-    for i, part in enumerate(parents):
-        if not isinstance(node, dict) or not isinstance(node.get(part), dict):
-            raise ConfigError(f"unknown config key '{'.'.join(parents[:i + 1])}' (in '{dotted}')")
-        node = node[part]
-    if last not in node:
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
         raise ConfigError(f"unknown config key '{dotted}'")
-    if isinstance(node[last], dict):  # the values themselves are checked by validate (CONFIG_RULES)
-        raise ConfigError(f"config key '{dotted}' is a section: set one of its keys "
-                          f"({dotted}.{next(iter(node[last]), '...')}=...)")
+    if isinstance(node[last], dict):
+        raise ConfigError(f"config key '{dotted}' is a section: set one of its keys, e.g. "
+                          f"{dotted}.{next(iter(node[last]), '...')}=...")
     node[last] = value
 
-def dotted_items(tree, prefix=""):
-    """{'a': {'b': 1}} -> [('a.b', 1)]: a nested section as --set pairs."""
+def get_key(cfg, dotted):
+    node = cfg
+    for i, part in enumerate(dotted.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config key '{dotted}' is missing (no '{'.'.join(dotted.split('.')[:i + 1])}' in the "
+                              f"config file; compare it with the repository's config.yaml)")
+        node = node[part]
+    return node
+
+def dotted_items(tree, prefix=""):  # {'a': {'b': 1}} -> ('a.b', 1): a nested section as --set pairs
     for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from dotted_items(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
+        yield from dotted_items(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
 def load_config(path, sets=(), demo_section=None):
-    """Read the YAML config, remove the override sections "demo" and "eval.demo", apply the one named demo_section
-    (train.py --demo, evaluate.py --demo) and then the --set pairs ('a.b=value')."""
+    """The YAML config without its override sections "demo" and "eval.demo", then demo_section's and the --set pairs."""
     path = Path(path)
     try:
         raw = path.read_bytes()
         cfg = yaml.safe_load(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' not found (pass --config config.yaml from the repository)")
     except OSError as e:
         raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})")
     except UnicodeDecodeError as e:
@@ -752,19 +632,15 @@ def load_config(path, sets=(), demo_section=None):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections")
     evals = cfg.get("eval") if isinstance(cfg.get("eval"), dict) else {}
     overrides = {"demo": cfg.pop("demo", None), "eval.demo": evals.pop("demo", None)}
-    if demo_section:
-        prefix = demo_section.rpartition(".")[0]
-        for key, value in dotted_items(overrides[demo_section] or {}, prefix + "." if prefix else ""):
-            set_key(cfg, key, value)
-    for pair in sets:
-        set_key(cfg, *parse_set(pair))
+    demo = dotted_items(overrides[demo_section] or {}, demo_section.removesuffix("demo")) if demo_section else []
+    for key, value in [*demo, *map(parse_set, sets)]:  # "eval.demo" sets eval.* keys
+        set_key(cfg, key, value)
     return cfg
 
-def flatten_sets(groups):
-    """argparse gives --set a b --set c as [[a, b], [c]]."""
+def flatten_sets(groups):  # argparse gives --set a b --set c as [[a, b], [c]]
     return [pair for group in (groups or []) for pair in group]
 
-def rule(what, ok, optional=False):
+def rule(what, ok, optional=False):  # (what a value must be, its check); optional: null as well
     return (what + " or null", lambda v: v is None or ok(v)) if optional else (what, ok)
 
 def is_int(v):
@@ -776,10 +652,12 @@ def is_num(v):
 def one_of(*options):
     return "one of " + ", ".join(options), lambda v: v in options
 
+def each(section, keys, check):  # one rule for several keys of a section
+    return {f"{section}.{key}": check for key in keys.split()}
+
 COUNT = rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
 POSITIVE_INT = rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
-# image sides in pixels, rounded to the nearest multiple of the model's patch size (518 -> 512 at /16)
-PATCHES = rule("a size in pixels >= 8", lambda v: is_int(v) and v >= 8)
+PATCHES = rule("a size in pixels >= 8", lambda v: is_int(v) and v >= 8)  # rounded to whole patches by validate
 POSITIVE = rule("a number > 0", lambda v: is_num(v) and v > 0)
 NON_NEGATIVE = rule("a number >= 0", lambda v: is_num(v) and v >= 0)
 FRACTION = rule("a number in [0, 1]", lambda v: is_num(v) and 0 <= v <= 1)
@@ -794,27 +672,21 @@ FLAG = rule("true or false", lambda v: isinstance(v, bool))
 TEXT = rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 DEVICE, POS_EMBED = one_of("auto", "cpu", "cuda"), one_of("dinov2", "neco")
 
-# key -> (what its value must be, the check): every key train.py and evaluate.py read (the sort keys are checked by
-# diff_sort itself, in validate)
+# key -> (what its value must be, the check): every key train.py and evaluate.py read (the sort's: diff_sort's own)
 CONFIG_RULES = {
-    "out_dir": TEXT, "seed": COUNT,
-    "model.arch": one_of(*BACKBONE_NAMES), "model.weights": rule(*TEXT, optional=True),
-    "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.head_hidden": POSITIVE_INT,
-    "model.head_out": POSITIVE_INT, "model.head_layers": POSITIVE_INT,
-    "model.pos_embed_rule": one_of("neco", "dinov2"), "model.teacher_head": one_of("random", "copy"),
-    "data.root": TEXT, "data.global_size": PATCHES, "data.global_scale": SCALE, "data.local_size": PATCHES,
-    "data.local_scale": SCALE, "data.n_local": COUNT, "data.min_overlap": HALF, "data.num_workers": COUNT,
-    "data.augment_on_device": FLAG,
-    "neco.roi_size": POSITIVE_INT, "neco.references": one_of("queue", "batch"), "neco.queue_size": POSITIVE_INT,
-    "neco.num_references": POSITIVE_INT,
-    "optim.epochs": POSITIVE_INT, "optim.batch_size": POSITIVE_INT, "optim.lr_backbone": POSITIVE,
-    "optim.lr_head": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.weight_decay_end": NON_NEGATIVE,
-    "optim.momentum_teacher": FRACTION, "optim.momentum_teacher_end": FRACTION, "optim.clip_grad": NON_NEGATIVE,
-    "optim.betas": BELOW_ONE_PAIR,
-    "train.device": DEVICE, "train.precision": one_of("bf16", "fp32"),
-    "train.ckpt_every": POSITIVE_INT, "train.log_every": POSITIVE_INT, "train.max_bad_steps": POSITIVE_INT,
-    "train.max_steps": rule(*COUNT, optional=True), "train.compile": FLAG,
-    "train.fused_attention": FLAG, "train.fused_adamw": FLAG, "train.grad_checkpointing": FLAG,
+    "out_dir": TEXT, "seed": COUNT, "model.arch": one_of(*BACKBONE_NAMES), "model.weights": rule(*TEXT, optional=True),
+    "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.pos_embed_rule": POS_EMBED,
+    "model.teacher_head": one_of("random", "copy"), **each("model", "head_hidden head_out head_layers", POSITIVE_INT),
+    "data.root": TEXT, **each("data", "global_size local_size", PATCHES), "data.min_overlap": HALF,
+    **each("data", "global_scale local_scale", SCALE), **each("data", "n_local num_workers", COUNT),
+    "data.augment_on_device": FLAG, "neco.references": one_of("queue", "batch"),
+    **each("neco", "roi_size queue_size num_references", POSITIVE_INT), "optim.betas": BELOW_ONE_PAIR,
+    **each("optim", "epochs batch_size", POSITIVE_INT), **each("optim", "lr_backbone lr_head", POSITIVE),
+    **each("optim", "weight_decay weight_decay_end clip_grad", NON_NEGATIVE),
+    **each("optim", "momentum_teacher momentum_teacher_end", FRACTION),
+    "train.device": DEVICE, "train.precision": one_of("bf16", "fp32"), "train.max_steps": rule(*COUNT, optional=True),
+    **each("train", "ckpt_every log_every max_bad_steps", POSITIVE_INT),
+    **each("train", "compile fused_attention fused_adamw grad_checkpointing", FLAG),
     # evaluate.py
     "eval.device": DEVICE, "eval.precision": one_of("fp32", "bf16"),
     "eval.num_workers": COUNT, "eval.vis_images": COUNT, "eval.voc_train_split": one_of("trainaug", "train"),
@@ -849,29 +721,18 @@ CONFIG_RULES = {
     "eval.pca.foreground_threshold": rule(*BELOW_ONE, optional=True),
 }
 
-def get_key(cfg, dotted):
-    node = cfg
-    for i, part in enumerate(dotted.split(".")):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"config key '{dotted}' is missing (no '{'.'.join(dotted.split('.')[:i + 1])}' in the "
-                              f"config file; compare it with the repository's config.yaml)")
-        node = node[part]
-    return node
-
 def validate(cfg, prefix="", demo=False):
-    """Fail in the first second, not after minutes of loading: prefix "eval." checks the evaluation keys
-    (evaluate.py), "" the training ones and how they fit together."""
+    """Fail in the first second, not after minutes of loading: the evaluation keys (prefix "eval.") or the rest."""
     for key, (what, ok) in CONFIG_RULES.items():
         if key.startswith("eval.") == (prefix == "eval.") and not ok(value := get_key(cfg, key)):
             raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
     if prefix == "eval.":
-        s = cfg["eval"]["incontext"]
-        if s["subset_file"] is not None and not Path(s["subset_file"]).expanduser().is_file():
-            raise ConfigError(f"config key 'eval.incontext.subset_file' names {s['subset_file']}, which is not a "
-                              f"file: give a text file with one train image id per line")
-        if s["subset_file"] is not None and s["fraction"] != 1:
-            raise ConfigError("config key 'eval.incontext.fraction' must be 1 when eval.incontext.subset_file names "
-                              "the subset")
+        subset = cfg["eval"]["incontext"]["subset_file"]
+        if subset is not None and not Path(subset).expanduser().is_file():
+            raise ConfigError(f"config key 'eval.incontext.subset_file' names {subset}, which is not a file: give a "
+                              f"text file with one train image id per line")
+        if subset is not None and cfg["eval"]["incontext"]["fraction"] != 1:
+            raise ConfigError("config key 'eval.incontext.fraction' must be 1 when eval.incontext.subset_file is set")
         pick_device(cfg["eval"]["device"], "eval.device")
         return
     m, d, n = cfg["model"], cfg["data"], cfg["neco"]
@@ -889,8 +750,8 @@ def validate(cfg, prefix="", demo=False):
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config section 'neco': {e}")
     if not Path(d["root"]).is_dir() and not demo:
-        raise ConfigError(f"data.root '{d['root']}' is not a folder: point data.root at COCO train2017 (or any folder "
-                          f"of images), e.g. --set data.root=/data/coco/images/train2017, or run with --demo")
+        raise ConfigError(f"data.root '{d['root']}' is not a folder: point it at COCO train2017 (or any folder of "
+                          f"images), e.g. --set data.root=/data/coco/images/train2017, or run with --demo")
     if m["weights"] not in (None, "hub") and not Path(m["weights"]).is_file():
         raise ConfigError(f"model.weights '{m['weights']}' is not a file: give a backbone state_dict file, 'hub' for "
                           f"the official checkpoint, or null for random initialisation")
@@ -910,8 +771,7 @@ def main(argv=None):
     p.add_argument("--config", default="config.yaml", help="the YAML config (default: config.yaml)")
     p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
                    help="override config keys, e.g. --set optim.epochs=1 data.root=/data/coco/images/train2017")
-    p.add_argument("--demo", action="store_true",
-                   help="offline demo: tiny backbone from random weights on synthetic scenes, CPU, ~3 minutes")
+    p.add_argument("--demo", action="store_true", help="offline demo: a tiny backbone on synthetic scenes, CPU, ~3 min")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, flatten_sets(args.set), "demo" if args.demo else None)
