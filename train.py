@@ -360,16 +360,26 @@ def epoch_batches(n_images, batch, epoch, seed, start, rank, world):  # this ran
     return [order[b * batch + rank * per_rank:b * batch + (rank + 1) * per_rank]
             for b in range(start, n_images // batch)]
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 def ignore_stop_signals(worker_id):  # Ctrl-C signals the process group: the main process saves, then ends workers
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came while the worker started is dropped
 
 def make_loader(dataset, batches, cfg, device):
+    """An iterator over the batches; its workers start with the stop signals blocked (a signal between their fork
+    and ignore_stop_signals would kill them), the main process gets a blocked one once they run."""
     workers = cfg["data"]["num_workers"]
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate_multicrop, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=ignore_stop_signals,
         generator=torch.Generator())  # its own generator: the loader never draws from the global RNG
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)  # (the workers fork here)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 def speed_settings(student, teacher, cfg, compile_backend="inductor"):
     """The train.* switches of speed and memory; compiling block by block keeps activation checkpointing as it is."""
@@ -508,7 +518,7 @@ def train(cfg, demo=False):
         rank = dist.get_rank()
     lock = lock_out_dir(Path(cfg["out_dir"])) if rank == 0 else None
     stop, run = {"signum": 0, "in_loop": False}, None
-    previous = {s: signal.signal(s, functools.partial(on_signal, stop)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, functools.partial(on_signal, stop)) for s in STOP_SIGNALS}
     try:
         run = Run(cfg, demo, rank, world)
         o, t, per_rank = cfg["optim"], cfg["train"], cfg["optim"]["batch_size"] // world
