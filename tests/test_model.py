@@ -28,7 +28,7 @@ def perturbed_state(vit, seed=1):
 
 
 def expected_s14_reg_shapes():
-    """Key -> shape of the official ViT-S/14-reg checkpoint, written out from the spec (backbone.md)."""
+    """Key -> shape of the official ViT-S/14-reg checkpoint, written out from the released file's layout."""
     D, F = 384, 1536
     shapes = {"cls_token": (1, 1, D), "register_tokens": (1, 4, D), "pos_embed": (1, 1370, D), "mask_token": (1, D),
               "patch_embed.proj.weight": (D, 3, 14, 14), "patch_embed.proj.bias": (D,)}
