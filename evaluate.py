@@ -10,13 +10,7 @@ a JSON line (one per memory size of a sweep), then appended to --out (pca: the p
     python evaluate.py --ckpt runs/neco/last.pt --task pca --images photos/ --out vis/   # PNGs: vis/*.png
     python evaluate.py ... --set eval.incontext.memory_size=[102400,1024000] eval.incontext.fraction=0.125
 """
-import argparse
-import functools
-import json
-import math
-import os
-import sys
-import time
+import argparse, functools, json, math, os, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +26,8 @@ from tqdm import tqdm
 
 import data
 import model
-from train import ConfigError, flatten_sets, load_config, parse_set, pick_device, validate
+from train import (BELOW_ONE, COUNT, DEVICE, FLAG, NON_NEGATIVE, PATCHES, POS_EMBED, POSITIVE, POSITIVE_INT, SHARE,
+                   TEXT, ConfigError, check_rules, each, load_config, one_of, parse_set, pick_device, rule)
 
 # task -> (protocol family, dataset name of data.make_segmentation_dataset; its eval.roots key is the first word)
 TASKS = {"voc_incontext": ("incontext", "voc"), "ade_incontext": ("incontext", "ade20k"),
@@ -507,34 +502,7 @@ def hungarian(cost):
     held = owner[1:]  # every row holds one column: the held columns, ordered by their row
     return torch.from_numpy(np.nonzero(held)[0][np.argsort(held[held > 0])])
 
-# ---- checkpoints (train.py runs, bare DINOv2 / NeCo state_dicts, official weights) and pictures
-def load_backbone(ckpt, teacher=False):
-    """'hub:<name>', a train.py checkpoint (student or teacher) or a bare state_dict -> (backbone, what was loaded)."""
-    try:
-        sd = None if ckpt.startswith("hub:") else model.load_checkpoint_file(ckpt)
-        trained = isinstance(sd, dict) and isinstance(sd.get("student"), dict) and isinstance(sd.get("config"), dict)
-        if teacher and not trained:
-            raise UserError(f"--teacher needs a train.py checkpoint (with student and teacher); {ckpt} is not one")
-        if sd is None:
-            backbone, about = model.build_backbone(ckpt[4:], weights="hub"), {"arch": ckpt[4:], "weights": "official"}
-        else:
-            which = ("teacher" if teacher else "student") if trained else "state_dict"
-            weights = sd[which] if trained else sd
-            name, registers = model.infer_arch(weights)
-            if trained:  # the config knows a registers-excluded _reg model; shapes cannot
-                arch = sd["config"].get("model", {})
-                name, registers = arch.get("arch", name), arch.get("num_register_tokens", registers)
-            backbone = model.build_backbone(name, weights=weights, num_register_tokens=registers)
-            about = {"arch": name, "num_register_tokens": registers, "weights": which,
-                     **({"step": sd.get("step")} if trained else {})}
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"checkpoint {ckpt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    # a NaN or inf weight still gives a confident-looking mIoU: refuse it, naming the first such tensor
-    bad = next((k for k, v in backbone.state_dict().items() if not v.isfinite().all()), None)
-    if bad is not None:
-        raise UserError(f"checkpoint {ckpt}: tensor {bad} holds NaN or inf values (a diverged run or a damaged file)")
-    return backbone.eval(), about
-
+# ---- pictures
 def save_vis(samples, path, num_classes, ignore_index):
     """(image uint8 (3, S, S), gt (S, S), pred (S, S)) samples -> one PNG, a row per image: image | gt | prediction."""
     palette, classes, tiles = data.voc_palette(), torch.arange(num_classes)[:, None, None], []
@@ -550,14 +518,50 @@ def write_grid(tiles, path):
     path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))
 
 # ---- the command line: settings, data, checks before anything heavy runs, the result line
+# key -> (what its value must be, the check): every key of the eval section (train.py's: train.CONFIG_RULES)
+EVAL_RULES = {
+    "eval.device": DEVICE, "eval.precision": one_of("fp32", "bf16"), **each("eval", "num_workers vis_images", COUNT),
+    "eval.voc_train_split": one_of("trainaug", "train"), **each("eval.roots", "voc ade20k coco cityscapes spair", TEXT),
+    **{f"eval.{task}.pos_embed_rule": POS_EMBED for task in ("incontext", "linear", "cluster", "spair", "pca")},
+    **{f"eval.{task}.image_size": PATCHES for task in ("incontext", "linear", "cluster", "pca")},
+    **{f"eval.{task}.batch_size": POSITIVE_INT for task in ("incontext", "linear", "cluster")},
+    "eval.incontext.protocol": one_of("hbird", "dip"), **each("eval.incontext", "aug_epochs seed", COUNT),
+    "eval.incontext.memory_size": rule("an integer >= 1 or a list of them (a sweep)", lambda v: POSITIVE_INT[1](v) or (
+        isinstance(v, list) and len(v) > 0 and all(map(POSITIVE_INT[1], v))), optional=True),
+    "eval.incontext.k": POSITIVE_INT, "eval.incontext.temperature": rule(*POSITIVE, optional=True),
+    "eval.incontext.fraction": SHARE, "eval.incontext.subset_file": rule(*TEXT, optional=True),
+    **each("eval.linear", "out_size epochs", POSITIVE_INT), **each("eval.linear", "lr lr_gamma", POSITIVE),
+    **each("eval.linear", "lr_step_epoch seed", COUNT), "eval.linear.train_aug": FLAG, "eval.linear.momentum": BELOW_ONE,
+    "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.coco_fraction": SHARE, "eval.cluster.iters": COUNT,
+    **each("eval.cluster", "gt_size pca_dim seeds redo max_points_per_centroid", POSITIVE_INT),
+    "eval.cluster.ks": rule("a list of cluster counts (0: the number of classes)",
+                            lambda v: isinstance(v, list) and len(v) > 0 and all(map(COUNT[1], v))),
+    "eval.spair.split": one_of("test", "val", "trn"), "eval.spair.image_size": POSITIVE_INT,
+    "eval.spair.tokens": one_of("last_block", "final_norm"), "eval.spair.cell": one_of("corner", "centre"),
+    "eval.spair.pairs_per_bin": rule(*POSITIVE_INT, optional=True),
+    "eval.spair.thresholds": rule("a list of numbers > 0", lambda v: isinstance(v, list) and len(v) > 0
+                                  and all(map(POSITIVE[1], v))),
+    "eval.pca.n_images": POSITIVE_INT, "eval.pca.foreground_threshold": rule(*BELOW_ONE, optional=True),
+    "eval.pca.query": rule("'x,y': fractions in [0, 1] of the image's width and height ('0.5,0.5': the centre)",
+                           lambda v: isinstance(v, str) and v.count(",") == 1 and all(
+                               x.strip().replace(".", "", 1).isdecimal() and float(x) <= 1 for x in v.split(","))),
+}
+
 def eval_config(config_path, sets, demo):
-    """The eval section, eval.demo applied (demo), then the --set pairs (eval.* only), checked by train.py's rules."""
+    """The eval section, eval.demo applied (demo), then the --set pairs (eval.* only), checked by EVAL_RULES."""
     for pair in sets:
         if not parse_set(pair)[0].startswith("eval."):
             raise ConfigError(f"--set '{pair}': evaluate.py only takes eval.* keys (e.g. eval.incontext.k=10)")
     cfg = load_config(config_path, sets, "eval.demo" if demo else None)
-    validate(cfg, "eval.")
-    return cfg["eval"]
+    check_rules(cfg, EVAL_RULES)
+    subset, ev = cfg["eval"]["incontext"]["subset_file"], cfg["eval"]
+    if subset is not None and not Path(subset).expanduser().is_file():
+        raise ConfigError(f"config key 'eval.incontext.subset_file' names {subset}, which is not a file: give a "
+                          f"text file with one train image id per line")
+    if subset is not None and ev["incontext"]["fraction"] != 1:
+        raise ConfigError("config key 'eval.incontext.fraction' must be 1 when eval.incontext.subset_file is set")
+    pick_device(ev["device"], "eval.device")
+    return ev
 
 def make_datasets(family, dataset, ev, s, data_root, demo):
     """-> (data root, train set or None, val set); SPair-71k: (its root, None, None); pca: (its folder, [(picture name,
@@ -614,7 +618,7 @@ def run(args):
     if args.task not in TASKS:
         raise UserError(f"unknown task '{args.task}'; choose one of {', '.join(TASKS)}")
     family, dataset = TASKS[args.task]
-    ev = eval_config(Path(args.config).expanduser(), flatten_sets(args.set), args.demo)
+    ev = eval_config(Path(args.config).expanduser(), args.set, args.demo)
     s, hub, pictures = ev[family], args.ckpt.startswith("hub:"), family == "pca"
     if hub and args.ckpt[4:] not in model.RELEASED:  # the names with released weights
         raise UserError(f"unknown hub model '{args.ckpt[4:]}'; choose one of {', '.join(model.RELEASED)}")
@@ -632,7 +636,10 @@ def run(args):
         check_writable(vis_path, "picture", "--save-vis")
     UNREADABLE.clear()
     root, train_set, val_set = make_datasets(family, dataset, ev, s, args.data_root, args.demo)
-    backbone, about = load_backbone(args.ckpt, args.teacher)
+    try:  # (model.load_backbone: a hub name, a train.py checkpoint, or a bare state_dict)
+        backbone, about = model.load_backbone(args.ckpt, args.teacher)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"checkpoint {args.ckpt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if family != "spair":  # (SPair pads its images to whole patches instead)
         s["image_size"] = model.round_to_patch(s["image_size"], backbone.patch_size)  # 504 (36x36 at /14) -> 512 at /16
     points = len(val_set or ()) * (s["image_size"] // backbone.patch_size) ** 2
@@ -685,7 +692,7 @@ def main(argv=None):
     p.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher of a train.py checkpoint")
     p.add_argument("--data-root", "--images", help="dataset folder (default: eval.roots); pca: images, or a VOC root")
     p.add_argument("--config", default=Path(__file__).with_name("config.yaml"), help="default: beside evaluate.py")
-    p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE", help="e.g. eval.incontext.k=10")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="e.g. eval.incontext.k=10")
     p.add_argument("--out", help="results file, a JSON line appended (default: results.jsonl by the ckpt); pca: folder")
     p.add_argument("--save-vis", metavar="DIR", help="write DIR/<task>.png: image | ground truth | prediction")
     p.add_argument("--demo", action="store_true", help="synthetic data in data/synthetic and small CPU settings")

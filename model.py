@@ -428,6 +428,27 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.mlp(x), dim=-1)
 
 
+class NeCoModel(nn.Module):
+    """Backbone + head on every patch token; state_dict keys 'backbone.*' and 'head.*' (train.py's checkpoints)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views):
+        """(B, 3, s, s) crops -> (B, s/p, s/p, out) maps; one backbone call per crop size (DINO's multi-crop)."""
+        outs = [None] * len(views)
+        for size in sorted({v.shape[-1] for v in views}, reverse=True):
+            idx = [i for i, v in enumerate(views) if v.shape[-1] == size]
+            x = torch.cat([views[i] for i in idx])  # (len(idx) * B, 3, s, s)
+            tokens = self.backbone.forward_features(x)["x_norm_patchtokens"]  # (len(idx) * B, N, D)
+            z = self.head(tokens)  # (len(idx) * B, N, out), unit norm
+            side = size // self.backbone.patch_size
+            for i, chunk in zip(idx, z.chunk(len(idx))):
+                outs[i] = chunk.unflatten(1, (side, side))  # (B, side, side, out)
+        return outs
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -605,3 +626,29 @@ def build_backbone(name, weights=None, num_register_tokens=None, drop_path_rate=
         return model
     load_backbone_weights(model, state_dict, ignore_register_tokens=exact and num_register_tokens == 0)
     return model
+
+
+def load_backbone(ckpt, teacher=False):
+    """'hub:<name>', a train.py checkpoint (its student, or with teacher=True its EMA teacher) or a bare backbone
+    state_dict file -> (backbone in eval mode, what was loaded). Weights that are not finite are refused: they would
+    still give confident-looking features."""
+    sd = None if ckpt.startswith("hub:") else load_checkpoint_file(ckpt)
+    trained = isinstance(sd, dict) and isinstance(sd.get("student"), dict) and isinstance(sd.get("config"), dict)
+    if teacher and not trained:
+        raise ValueError(f"--teacher needs a train.py checkpoint (with student and teacher); {ckpt} is not one")
+    if sd is None:
+        backbone, about = build_backbone(ckpt[4:], weights="hub"), {"arch": ckpt[4:], "weights": "official"}
+    else:
+        which = ("teacher" if teacher else "student") if trained else "state_dict"
+        weights = sd[which] if trained else sd
+        name, registers = infer_arch(weights)
+        if trained:  # the config knows a registers-excluded _reg model; shapes cannot
+            arch = sd["config"].get("model", {})
+            name, registers = arch.get("arch", name), arch.get("num_register_tokens", registers)
+        backbone = build_backbone(name, weights=weights, num_register_tokens=registers)
+        about = {"arch": name, "num_register_tokens": registers, "weights": which,
+                 **({"step": sd.get("step")} if trained else {})}
+    bad = next((k for k, v in backbone.state_dict().items() if not v.isfinite().all()), None)
+    if bad is not None:
+        raise ValueError(f"tensor {bad} holds NaN or inf values (a diverged run or a damaged file)")
+    return backbone.eval(), about

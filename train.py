@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data import (READ_ATTEMPTS, MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois,
                   make_synthetic_voc, photometric_params)
-from model import BACKBONE_NAMES, ProjectionHead, build_backbone, patch_size_of, round_to_patch
+from model import BACKBONE_NAMES, NeCoModel, ProjectionHead, build_backbone, patch_size_of, round_to_patch
 from sort import diff_sort
 
 # -----------------------------------------------------------------------------
@@ -134,27 +134,7 @@ def make_reference_sampler(ncfg, queue, gen, B):
     return refs_for_pair
 
 # -----------------------------------------------------------------------------
-# the networks: backbone + projection head, applied to every patch token
-class NeCoModel(nn.Module):
-    """Backbone + head; state_dict keys 'backbone.*' and 'head.*' (evaluate.py and model.py read them)."""
-
-    def __init__(self, backbone, head):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, views):
-        """(B, 3, s, s) crops -> (B, s/p, s/p, out) maps; one backbone call per crop size (DINO's multi-crop)."""
-        outs = [None] * len(views)
-        for size in sorted({v.shape[-1] for v in views}, reverse=True):
-            idx = [i for i, v in enumerate(views) if v.shape[-1] == size]
-            x = torch.cat([views[i] for i in idx])  # (len(idx) * B, 3, s, s)
-            tokens = self.backbone.forward_features(x)["x_norm_patchtokens"]  # (len(idx) * B, N, D)
-            z = self.head(tokens)  # (len(idx) * B, N, out), unit norm
-            side = size // self.backbone.patch_size
-            for i, chunk in zip(idx, z.chunk(len(idx))):
-                outs[i] = chunk.unflatten(1, (side, side))  # (B, side, side, out)
-        return outs
-
+# the networks: backbone + projection head on every patch token (model.NeCoModel), student and teacher
 def build_models(cfg):
     """Student and teacher from the same backbone weights; the teacher's head is its own random draw (model.teacher_head
     random, as the public run) or a copy. Only the student gets gradients and stochastic depth."""
@@ -192,11 +172,10 @@ def train_step(model, student, teacher, optimizer, queue, gen, crops, boxes, ref
         maps_s = model(crops)  # V x (B, h_v, w_v, out): the student sees every crop
     with record_function("loss"):
         loss = neco_loss(maps_t, maps_s, boxes, refs_for_pair, cfg["neco"])
-        finite = torch.isfinite(loss)
+        finite = torch.isfinite(loss).float()
         if world_size() > 1:  # every rank skips together
-            finite = finite.float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            finite = finite > 0
+        finite = finite > 0
     with record_function("backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,9 +262,6 @@ def commit_atomic(path):  # rename path.tmp over path, then fsync the folder, wh
         os.close(folder)
     except OSError as e:
         raise disk_error(e, path) from None
-
-def save_checkpoint(path, state, commit=True):
-    write_atomic(path, lambda f: torch.save(state, f), commit)
 
 # keys a resume may change (with their sub-keys): where and how fast the run goes, and the learning rates (the advice
 # after a non-finite stop); every other key defines the run and must match the checkpoint's (config.yaml's header)
@@ -455,12 +431,13 @@ class Run:
         """Write last.pt.tmp; with commit (the end, a signal) it becomes last.pt at once, else once a later step had
         a finite loss (flush_log): after lr 1e6 a finite step can wreck the weights, which must not become last.pt."""
         if self.is_main:
-            save_checkpoint(self.ckpt_path, {
+            state = {
                 "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "queue": self.queue.state_dict(), "config": self.cfg,
                 "rng": {"torch": torch.get_rng_state(), "shared": self.gen.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                **{key: getattr(self, key) for key in COUNTERS}}, commit)
+                **{key: getattr(self, key) for key in COUNTERS}}
+            write_atomic(self.ckpt_path, lambda f: torch.save(state, f), commit)
         self.kept_step, self.unverified = (self.step, None) if commit else (self.kept_step, self.step)
 
     def flush_log(self):
@@ -647,9 +624,6 @@ def load_config(path, sets=(), demo_section=None):
         set_key(cfg, key, value)
     return cfg
 
-def flatten_sets(groups):  # argparse gives --set a b --set c as [[a, b], [c]]
-    return [pair for group in (groups or []) for pair in group]
-
 def rule(what, ok, optional=False):  # (what a value must be, its check); optional: null as well
     return (what + " or null", lambda v: v is None or ok(v)) if optional else (what, ok)
 
@@ -682,7 +656,8 @@ FLAG = rule("true or false", lambda v: isinstance(v, bool))
 TEXT = rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 DEVICE, POS_EMBED = one_of("auto", "cpu", "cuda"), one_of("dinov2", "neco")
 
-# key -> (what its value must be, the check): every key train.py and evaluate.py read (the sort's: diff_sort's own)
+# key -> (what its value must be, the check): every key train.py reads (evaluate.py's: its EVAL_RULES; the sort's:
+# diff_sort's own)
 CONFIG_RULES = {
     "out_dir": TEXT, "seed": COUNT, "model.arch": one_of(*BACKBONE_NAMES), "model.weights": rule(*TEXT, optional=True),
     "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.pos_embed_rule": POS_EMBED,
@@ -697,54 +672,17 @@ CONFIG_RULES = {
     "train.device": DEVICE, "train.precision": one_of("bf16", "fp32"), "train.max_steps": rule(*COUNT, optional=True),
     **each("train", "ckpt_every log_every max_bad_steps", POSITIVE_INT),
     **each("train", "compile fused_attention fused_adamw grad_checkpointing", FLAG),
-    # evaluate.py
-    "eval.device": DEVICE, "eval.precision": one_of("fp32", "bf16"),
-    "eval.num_workers": COUNT, "eval.vis_images": COUNT, "eval.voc_train_split": one_of("trainaug", "train"),
-    "eval.roots.voc": TEXT, "eval.roots.ade20k": TEXT, "eval.roots.coco": TEXT, "eval.roots.cityscapes": TEXT,
-    "eval.roots.spair": TEXT,
-    "eval.incontext.protocol": one_of("hbird", "dip"), "eval.incontext.image_size": PATCHES,
-    "eval.incontext.memory_size": rule("an integer >= 1 or a list of them (a sweep)", lambda v: POSITIVE_INT[1](v) or (
-        isinstance(v, list) and len(v) > 0 and all(map(POSITIVE_INT[1], v))), optional=True), "eval.incontext.aug_epochs": COUNT,
-    "eval.incontext.k": POSITIVE_INT, "eval.incontext.temperature": rule(*POSITIVE, optional=True),
-    "eval.incontext.fraction": SHARE, "eval.incontext.subset_file": rule(*TEXT, optional=True),
-    "eval.incontext.seed": COUNT, "eval.incontext.batch_size": POSITIVE_INT, "eval.incontext.pos_embed_rule": POS_EMBED,
-    "eval.linear.image_size": PATCHES, "eval.linear.out_size": POSITIVE_INT, "eval.linear.train_aug": FLAG,
-    "eval.linear.epochs": POSITIVE_INT, "eval.linear.batch_size": POSITIVE_INT, "eval.linear.lr": POSITIVE,
-    "eval.linear.momentum": BELOW_ONE, "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.lr_step_epoch": COUNT,
-    "eval.linear.lr_gamma": POSITIVE, "eval.linear.coco_fraction": SHARE, "eval.linear.seed": COUNT,
-    "eval.linear.pos_embed_rule": POS_EMBED,
-    "eval.cluster.image_size": PATCHES, "eval.cluster.gt_size": POSITIVE_INT,
-    "eval.cluster.ks": rule("a list of cluster counts (0: the number of classes)",
-                            lambda v: isinstance(v, list) and len(v) > 0 and all(map(COUNT[1], v))),
-    "eval.cluster.pca_dim": POSITIVE_INT, "eval.cluster.seeds": POSITIVE_INT, "eval.cluster.iters": COUNT,
-    "eval.cluster.redo": POSITIVE_INT, "eval.cluster.max_points_per_centroid": POSITIVE_INT,
-    "eval.cluster.batch_size": POSITIVE_INT, "eval.cluster.pos_embed_rule": POS_EMBED,
-    "eval.spair.split": one_of("test", "val", "trn"), "eval.spair.image_size": POSITIVE_INT,
-    "eval.spair.tokens": one_of("last_block", "final_norm"), "eval.spair.cell": one_of("corner", "centre"),
-    "eval.spair.pairs_per_bin": rule(*POSITIVE_INT, optional=True), "eval.spair.pos_embed_rule": POS_EMBED,
-    "eval.spair.thresholds": rule("a list of numbers > 0", lambda v: isinstance(v, list) and len(v) > 0
-                                  and all(map(POSITIVE[1], v))),
-    "eval.pca.image_size": PATCHES, "eval.pca.n_images": POSITIVE_INT, "eval.pca.pos_embed_rule": POS_EMBED,
-    "eval.pca.query": rule("'x,y': fractions in [0, 1] of the image's width and height ('0.5,0.5': the centre)",
-                           lambda v: isinstance(v, str) and v.count(",") == 1 and all(
-                               x.strip().replace(".", "", 1).isdecimal() and float(x) <= 1 for x in v.split(","))),
-    "eval.pca.foreground_threshold": rule(*BELOW_ONE, optional=True),
 }
 
-def validate(cfg, prefix="", demo=False):
-    """Fail in the first second, not after minutes of loading: the evaluation keys (prefix "eval.") or the rest."""
-    for key, (what, ok) in CONFIG_RULES.items():
-        if key.startswith("eval.") == (prefix == "eval.") and not ok(value := get_key(cfg, key)):
+def check_rules(cfg, rules):
+    """Every key of rules is in cfg and holds what its rule asks: one line naming the first that does not."""
+    for key, (what, ok) in rules.items():
+        if not ok(value := get_key(cfg, key)):
             raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
-    if prefix == "eval.":
-        subset = cfg["eval"]["incontext"]["subset_file"]
-        if subset is not None and not Path(subset).expanduser().is_file():
-            raise ConfigError(f"config key 'eval.incontext.subset_file' names {subset}, which is not a file: give a "
-                              f"text file with one train image id per line")
-        if subset is not None and cfg["eval"]["incontext"]["fraction"] != 1:
-            raise ConfigError("config key 'eval.incontext.fraction' must be 1 when eval.incontext.subset_file is set")
-        pick_device(cfg["eval"]["device"], "eval.device")
-        return
+
+def validate(cfg, demo=False):
+    """Fail in the first second, not after minutes of loading: the rules, then what one key alone cannot say."""
+    check_rules(cfg, CONFIG_RULES)
     m, d, n = cfg["model"], cfg["data"], cfg["neco"]
     pick_device(cfg["train"]["device"], "train.device")
     p = patch_size_of(m["arch"])  # the crops snap to whole patches: 518/98 px are 37x37/7x7 at /14, 32x32/6x6 at /16
@@ -779,12 +717,12 @@ def pick_device(want, key="train.device"):
 def main(argv=None):
     p = argparse.ArgumentParser(description="NeCo post-training of a DINOv2 backbone (resumes from <out_dir>/last.pt)")
     p.add_argument("--config", default="config.yaml", help="the YAML config (default: config.yaml)")
-    p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set optim.epochs=1 data.root=/data/coco/images/train2017")
     p.add_argument("--demo", action="store_true", help="offline demo: a tiny backbone on synthetic scenes, CPU, ~3 min")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, flatten_sets(args.set), "demo" if args.demo else None)
+        cfg = load_config(args.config, args.set, "demo" if args.demo else None)
         validate(cfg, demo=args.demo)
         train(cfg, demo=args.demo)
     except (ConfigError, FileNotFoundError, TrainingStopped) as e:

@@ -442,11 +442,11 @@ def test_loads_student_teacher_and_bare_state_dict(tmp_path):
     student, teacher = write_train_checkpoint(tmp_path / "last.pt", seed=1, teacher_seed=2)
     x = torch.randn(1, 3, 28, 28)
     for teacher_flag, ref in ((False, student), (True, teacher)):
-        net, about = evaluate.load_backbone(str(tmp_path / "last.pt"), teacher=teacher_flag)
+        net, about = model.load_backbone(str(tmp_path / "last.pt"), teacher=teacher_flag)
         assert about["arch"] == "vit_tiny14_reg" and about["weights"] == ("teacher" if teacher_flag else "student")
         torch.testing.assert_close(net(x), ref(x))
     torch.save(student.state_dict(), tmp_path / "bare.pth")
-    net, about = evaluate.load_backbone(str(tmp_path / "bare.pth"))
+    net, about = model.load_backbone(str(tmp_path / "bare.pth"))
     assert (about["arch"], about["num_register_tokens"]) == ("vit_tiny14_reg", 4)
     torch.testing.assert_close(net(x), student(x))
 
@@ -661,8 +661,7 @@ def test_demo_section_applies_and_set_wins():
     section = yaml.safe_load((ROOT / "config.yaml").read_text())["eval"]
     ev = evaluate.eval_config(ROOT / "config.yaml", [], demo=False)
     assert "demo" not in ev and ev["incontext"]["memory_size"] == 10_240_000  # the protocol value
-    ev = evaluate.eval_config(ROOT / "config.yaml", evaluate.flatten_sets([["eval.incontext.k=5"],
-                                                                           ["eval.incontext.aug_epochs=1"]]), demo=True)
+    ev = evaluate.eval_config(ROOT / "config.yaml", ["eval.incontext.k=5", "eval.incontext.aug_epochs=1"], demo=True)
     for key, value in section["demo"]["incontext"].items():
         if key != "aug_epochs":
             assert ev["incontext"][key] == value
@@ -1173,7 +1172,7 @@ def test_pca_for_a_16_family_and_its_teacher(voc, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["out_file", "out_under_file", "out_read_only", "save_vis", "no_images"])
 def test_pca_bad_destination_or_images_refused_before_the_backbone_loads(case, ckpt, voc, tmp_path, capsys,
                                                                           monkeypatch):
-    monkeypatch.setattr(evaluate, "load_backbone", boom)
+    monkeypatch.setattr(evaluate.model, "load_backbone", boom)
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "locked").mkdir()
     (tmp_path / "empty").mkdir()

@@ -865,7 +865,7 @@ def test_checkpoint_file_and_folder_are_fsynced_around_the_rename(tmp_path, monk
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(
         "fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file") or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: calls.append("rename") or real_replace(a, b))
-    train.save_checkpoint(tmp_path / "last.pt", {"x": torch.arange(3)})
+    train.write_atomic(tmp_path / "last.pt", lambda f: torch.save({"x": torch.arange(3)}, f))
     assert calls == ["fsync file", "rename", "fsync folder"]
     assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["x"], torch.arange(3))
 
