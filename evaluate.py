@@ -61,7 +61,7 @@ def evaluate_incontext(backbone, train_set, val_set, s, device, num_workers, pre
         print(f"memory: {len(mem[0]):,} patches x {keys.shape[1]} ({keys.dtype})", file=sys.stderr)
     temperature, vis, confs = s["temperature"] or protocol["temperature"], [], torch.zeros(len(sizes), C, C).long()
     for images, masks in batches(val_set, v2.Resize((size, size)), s["batch_size"], num_workers, "query"):
-        feats = patch_features(backbone, images.to(device), precision)  # (B, h, w, D)
+        feats = model.patch_features(backbone, images.to(device), precision)  # (B, h, w, D)
         B, h, w, D = feats.shape
         for i, (keys_m, labels_m, half_sq) in enumerate(memories):
             probs = knn_transfer(feats.reshape(-1, D), keys_m, labels_m, s["k"], temperature, half_sq)  # (B*h*w, C)
@@ -95,7 +95,7 @@ def build_memory(backbone, dataset, num_classes, ignore_index, image_size, memor
                  else v2.Resize((image_size, image_size)))
     for epoch in range(passes):
         for images, masks in batches(dataset, transform, batch_size, num_workers, f"memory pass {epoch + 1}/{passes}"):
-            feats = patch_features(backbone, images.to(device), precision).flatten(1, 2)  # (B, N, D)
+            feats = model.patch_features(backbone, images.to(device), precision).flatten(1, 2)  # (B, N, D)
             feats = F.normalize(feats, dim=-1) if normalize else feats
             counts = patch_label_histograms(masks.to(device), num_classes, p, ignore_index)  # (B, N, C)
             if memory_size is not None:
@@ -176,7 +176,7 @@ def evaluate_linear(backbone, train_set, val_set, s, device, num_workers, precis
         augment = v2.Compose([v2.RandomResizedCrop(size, scale=(0.8, 1.0)), v2.RandomHorizontalFlip()])
         def train_epoch(epoch):
             for images, masks in batches(train_set, augment, bs, num_workers, f"epoch {epoch + 1}", shuffle=True):
-                yield patch_features(backbone, images.to(device), precision), resize_nearest(masks, out)
+                yield model.patch_features(backbone, images.to(device), precision), resize_nearest(masks, out)
     else:  # no augmentation: every epoch sees the same inputs, so compute the features once
         loader = batches(train_set, v2.Resize((size, size)), bs, num_workers, "train features")
         train_feats, train_masks, _ = all_features(backbone, loader, device, precision, out)
@@ -314,7 +314,7 @@ def evaluate_spair(backbone, root, s, device, precision):
                 for v in (src, trg):
                     if v not in views:
                         image, kps = data.spair_view(root, category, v, size)
-                        feats = patch_features(backbone, image[None].to(device), precision,
+                        feats = model.patch_features(backbone, image[None].to(device), precision,
                                                s["tokens"] == "last_block", pad=True)[0]
                         views[v] = F.normalize(feats, dim=-1), kps
             except (OSError, RuntimeError, ValueError) as e:
@@ -357,7 +357,7 @@ def feature_pictures(backbone, shown, s, device, precision, out_dir):
     size, p = s["image_size"], backbone.patch_size
     col, row = [min(int(float(v) * (size // p)), size // p - 1) for v in s["query"].split(",")]  # the patch under it
     images = torch.stack([v2.functional.resize(image, [size, size], antialias=True) for _, image in shown])
-    feats = patch_features(backbone, images.to(device), precision).cpu()  # (n, h, w, D)
+    feats = model.patch_features(backbone, images.to(device), precision).cpu()  # (n, h, w, D)
     x = F.normalize(feats, dim=-1)
     sim = minmax((x @ x[0, row, col]).flatten()).reshape(*x.shape[:3], 1).expand(-1, -1, -1, 3)  # (n, h, w, 3)
     maps = torch.cat([pca_rgb(feats, s["foreground_threshold"]), sim], -1).permute(0, 3, 1, 2)  # (n, 6, h, w)
@@ -425,24 +425,11 @@ def skip_unreadable(*errors):
             print(f"warning: skipping unreadable file ({e})", file=sys.stderr, flush=True)
             UNREADABLE.add(str(e))
 
-@torch.no_grad()
-def patch_features(backbone, images, precision="fp32", last_block=False, pad=False):
-    """uint8 images (B, 3, H, W) -> final-norm patch tokens (B, h, w, D), float32, not yet L2-normalised; last_block:
-    the last block's tokens before the final norm; pad: zeros after normalising, centred, to a multiple of the patch."""
-    x, p = v2.functional.normalize(images.float() / 255, data.IMAGENET_MEAN, data.IMAGENET_STD), backbone.patch_size
-    if pad:
-        (dh, dw) = (-x.shape[2] % p, -x.shape[3] % p)
-        x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and x.is_cuda):
-        tokens = (backbone.get_intermediate_layers(x, n=1, norm=False)[0] if last_block
-                  else backbone.forward_features(x)["x_norm_patchtokens"])  # (B, N, D)
-    return tokens.float().reshape(len(x), x.shape[2] // p, x.shape[3] // p, -1)  # (B, h, w, D)
-
 def all_features(backbone, batches, device, precision, mask_size=None, cache_on_cpu=True, n_vis=0):
     """Tokens (n, h, w, D) (CPU fp16 or device fp32), masks (n, S, S) uint8 (nearest), the first n_vis (image, mask)."""
     feats, masks, shown = [], [], []
     for images, m in batches:
-        f = patch_features(backbone, images.to(device), precision)
+        f = model.patch_features(backbone, images.to(device), precision)
         feats.append(f.half().cpu() if cache_on_cpu else f)
         masks.append((resize_nearest(m, mask_size) if mask_size else m).to(torch.uint8))  # labels <= 255
         shown += list(zip(images, m))[:n_vis - len(shown)]
@@ -531,8 +518,8 @@ EVAL_RULES = {
     "eval.incontext.k": POSITIVE_INT, "eval.incontext.temperature": rule(*POSITIVE, optional=True),
     "eval.incontext.fraction": SHARE, "eval.incontext.subset_file": rule(*TEXT, optional=True),
     **each("eval.linear", "out_size epochs", POSITIVE_INT), **each("eval.linear", "lr lr_gamma", POSITIVE),
-    **each("eval.linear", "lr_step_epoch seed", COUNT), "eval.linear.train_aug": FLAG, "eval.linear.momentum": BELOW_ONE,
-    "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.coco_fraction": SHARE, "eval.cluster.iters": COUNT,
+    **each("eval.linear", "lr_step_epoch seed", COUNT), "eval.linear.train_aug": FLAG, "eval.cluster.iters": COUNT,
+    "eval.linear.momentum": BELOW_ONE, "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.coco_fraction": SHARE,
     **each("eval.cluster", "gt_size pca_dim seeds redo max_points_per_centroid", POSITIVE_INT),
     "eval.cluster.ks": rule("a list of cluster counts (0: the number of classes)",
                             lambda v: isinstance(v, list) and len(v) > 0 and all(map(COUNT[1], v))),
@@ -692,7 +679,7 @@ def main(argv=None):
     p.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher of a train.py checkpoint")
     p.add_argument("--data-root", "--images", help="dataset folder (default: eval.roots); pca: images, or a VOC root")
     p.add_argument("--config", default=Path(__file__).with_name("config.yaml"), help="default: beside evaluate.py")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="e.g. eval.incontext.k=10")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="eval.incontext.k=10 ...")
     p.add_argument("--out", help="results file, a JSON line appended (default: results.jsonl by the ckpt); pca: folder")
     p.add_argument("--save-vis", metavar="DIR", help="write DIR/<task>.png: image | ground truth | prediction")
     p.add_argument("--demo", action="store_true", help="synthetic data in data/synthetic and small CPU settings")

@@ -1,5 +1,6 @@
 """
-Vision transformers of the DINO family (DINO, DINOv2 with or without registers, DINOv3) and NeCo's projection head.
+Vision transformers of the DINO family (DINO, DINOv2 with or without registers, DINOv3), NeCo's projection head
+and its student and teacher (build_student_teacher).
 
 Each model loads its released backbone file with strict=True and gives the official features at any input size whose
 sides are multiples of its patch size. The module needs only torch and the standard library: copy this file alone
@@ -17,7 +18,7 @@ put it in that folder under its released name (see DINOV3_FILES).
 The three families differ only in a few switches (FAMILIES): DINO has no LayerScale, registers or mask_token;
 DINOv2 adds LayerScale and, in the _reg release, 4 registers; DINOv3 replaces the learned position embedding with
 RoPE on the patch tokens' queries and keys, has 4 storage tokens, LayerNorm eps 1e-5 and a zeroed key bias.
-Every family is normalised with the ImageNet mean and std (data.IMAGENET_MEAN/STD).
+Every family is normalised with the ImageNet mean and std (IMAGENET_MEAN/STD; patch_features does it).
 """
 
 import argparse
@@ -72,6 +73,7 @@ DINOV3_FILES = {"dinov3_vits16": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
 DINOV3_FORM = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
 RELEASED = tuple(n for n in BACKBONE_NAMES if n.startswith("dinov2_") or n in DINO_FILES or n in DINOV3_FILES)
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # every family's input normalisation
 # keys that belong to a projection head (NeCo, DINO, iBOT): not part of the backbone, ignored when loading
 HEAD_PREFIXES = ("head.", "heads.", "projection_head.", "dino_head.", "ibot_head.")
 # wrappers around a backbone: DDP (module.), our train.py's ModuleDict (backbone.), Lightning (model.), compile
@@ -79,10 +81,8 @@ WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "_orig_mod.")
 # dicts that hold a state_dict; the teacher first because that is the model one evaluates after DINO-style training
 CONTAINER_KEYS = ("teacher", "state_dict", "model", "student")
 
-
 def patch_size_of(name):
     return ARCHS[name.removesuffix("_reg")][1]
-
 
 def round_to_patch(size, patch_size):
     """An image side in pixels -> the nearest multiple of the patch size (half rounds up), at least one patch."""
@@ -90,8 +90,6 @@ def round_to_patch(size, patch_size):
 
 # -----------------------------------------------------------------------------
 # layers, shared by the families
-
-
 def drop_path(x, rate, training):
     """Stochastic depth: drop the whole residual branch for a random subset of samples, rescale the rest."""
     if rate == 0.0 or not training:
@@ -102,7 +100,6 @@ def drop_path(x, rate, training):
         mask.div_(keep)
     return x * mask
 
-
 class PatchEmbed(nn.Module):
     def __init__(self, embed_dim, patch_size):
         super().__init__()
@@ -110,7 +107,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D), patches row-major
         return self.proj(x).flatten(2).transpose(1, 2)
-
 
 class RopeEmbed(nn.Module):
     """DINOv3's axial RoPE: per head, dims j and j + hd/2 rotate together (rotate-half); j < hd/4 by the row
@@ -131,7 +127,6 @@ class RopeEmbed(nn.Module):
         angles = angles.flatten(1).tile(2)  # (hw, hd): [h | w | h | w]
         return angles.sin(), angles.cos()
 
-
 def apply_rope(x, sin, cos):
     """Rotate the last hw tokens of x (B, heads, N, hd); the first N - hw (cls, storage) stay as they are. The
     rotation runs in float32 (as DINOv3's released models) and is cast back."""
@@ -140,7 +135,6 @@ def apply_rope(x, sin, cos):
     t1, t2 = t.chunk(2, dim=-1)
     rotated = t * cos + torch.cat((-t2, t1), dim=-1) * sin
     return torch.cat((x[..., :prefix, :], rotated.to(x.dtype)), dim=-2)
-
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, k_bias_mask=False):
@@ -168,7 +162,6 @@ class Attention(nn.Module):
             x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
-
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -178,7 +171,6 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
-
 
 class SwiGLU(nn.Module):
     """silu(x W1) * (x W2), then W3. DINOv2's ViT-g stores W1 and W2 fused in w12, DINOv3's S+ as w1 and w2."""
@@ -195,7 +187,6 @@ class SwiGLU(nn.Module):
         x1, x2 = self.w12(x).chunk(2, dim=-1) if hasattr(self, "w12") else (self.w1(x), self.w2(x))
         return self.w3(F.silu(x1) * x2)
 
-
 class LayerScale(nn.Module):
     def __init__(self, dim, init_value):
         super().__init__()
@@ -203,7 +194,6 @@ class LayerScale(nn.Module):
 
     def forward(self, x):
         return x * self.gamma
-
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); DINO has no LayerScale."""
@@ -224,11 +214,8 @@ class Block(nn.Module):
         x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
         return x
 
-
 # -----------------------------------------------------------------------------
 # the backbone
-
-
 class VisionTransformer(nn.Module):
     def __init__(self, family="dinov2", patch_size=14, embed_dim=384, depth=12, num_heads=6, ffn_hidden=1536,
                  ffn="mlp", num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1,
@@ -400,11 +387,8 @@ class VisionTransformer(nn.Module):
     def forward(self, x):
         return self.forward_features(x)["x_norm_clstoken"]  # (B, D)
 
-
 # -----------------------------------------------------------------------------
 # the NeCo projection head
-
-
 class ProjectionHead(nn.Module):
     """MLP in_dim -> hidden -> ... -> out with GELU between the linears (no BatchNorm); L2-normalised output."""
 
@@ -427,7 +411,6 @@ class ProjectionHead(nn.Module):
     def forward(self, x):  # (..., in_dim) -> (..., out), unit norm
         return F.normalize(self.mlp(x), dim=-1)
 
-
 class NeCoModel(nn.Module):
     """Backbone + head on every patch token; state_dict keys 'backbone.*' and 'head.*' (train.py's checkpoints)."""
 
@@ -448,17 +431,13 @@ class NeCoModel(nn.Module):
                 outs[i] = chunk.unflatten(1, (side, side))  # (B, side, side, out)
         return outs
 
-
 # -----------------------------------------------------------------------------
 # checkpoints
-
-
 def shorten(keys, first=5):
     """'a, b, c, d, e, ... (12 in all)': key lists in one-line messages."""
     keys = list(keys)
     text = ", ".join(keys[:first])
     return text + (f", ... ({len(keys)} in all)" if len(keys) > first else "")
-
 
 def unwrap_container(sd):
     """Find the state_dict inside a checkpoint dict such as {"teacher": ..., "epoch": 3} or {"state_dict": ...}."""
@@ -474,7 +453,6 @@ def unwrap_container(sd):
         sd = sd[inner[0]]
     raise ValueError("no state_dict in the checkpoint: containers nest too deep")
 
-
 def strip_wrapper_prefixes(key):
     """'module.backbone.blocks.0.x' -> 'blocks.0.x': remove wrapper prefixes, repeatedly, in any order."""
     stripped = True
@@ -484,7 +462,6 @@ def strip_wrapper_prefixes(key):
             if key.startswith(prefix):
                 key, stripped = key[len(prefix):], True
     return key
-
 
 def clean_state_dict(sd):
     """Checkpoint dict -> (backbone state_dict with the official key names, ignored head keys as stored in the file)."""
@@ -499,7 +476,6 @@ def clean_state_dict(sd):
             raise ValueError(f"checkpoint has two tensors for {name!r} once prefixes are stripped (one is {key!r})")
         backbone[name] = value
     return backbone, ignored
-
 
 def load_backbone_weights(model, state_dict, ignore_register_tokens=False):
     """Load a checkpoint dict into model strictly; projection-head keys are ignored (and said so)."""
@@ -523,7 +499,6 @@ def load_backbone_weights(model, state_dict, ignore_register_tokens=False):
         print(f"model: ignored {len(ignored)} non-backbone checkpoint keys: {shorten(ignored)}", file=sys.stderr)
     return ignored
 
-
 def infer_arch(state_dict):
     """(name, num_register_tokens) from a checkpoint's keys and shapes, e.g. ("dinov2_vits14_reg", 4). DINOv3
     carries rope_embed.periods, DINO no LayerScale; the patch conv gives the patch size. A registers-excluded model
@@ -543,7 +518,6 @@ def infer_arch(state_dict):
     raise ValueError(f"no known {family} architecture has patch {patch}, embed dim {dim} and {depth} blocks; "
                      f"known: {', '.join(ARCHS)}")
 
-
 def hub_checkpoint(name):
     """(url, file name) of the official checkpoint for a hub name (DINOv3: url None, the files are gated)."""
     arch = name.removesuffix("_reg")
@@ -555,7 +529,6 @@ def hub_checkpoint(name):
         raise ValueError(f"{name} has no released weights; use weights=None or a local checkpoint path")
     file_name = f"{arch}_reg{DEFAULT_REGISTERS}_pretrain.pth" if name.endswith("_reg") else f"{arch}_pretrain.pth"
     return f"{FAMILIES['dinov2']['url']}/{arch}/{file_name}", file_name
-
 
 def load_hub_state_dict(name):
     """The official checkpoint through torch.hub's cache: no network when the file is already there."""
@@ -573,7 +546,6 @@ def load_hub_state_dict(name):
         raise FileNotFoundError(f"cannot download {url} ({type(e).__name__}); put {file_name} in {cache_dir} "
                                 f"($TORCH_HOME/hub/checkpoints) or pass a local path as weights") from None
 
-
 def load_checkpoint_file(path):
     path = Path(path).expanduser()
     if not path.is_file():
@@ -585,7 +557,6 @@ def load_checkpoint_file(path):
     except Exception as e:  # truncated download, not a torch file, pickled objects beyond tensors and containers
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeError(f"cannot read checkpoint {path}: {first_line}") from None
-
 
 def build_backbone(name, weights=None, num_register_tokens=None, drop_path_rate=0.0, pos_embed_rule="dinov2"):
     """A ViT by hub name. weights: None (random init), "hub", a file path, or a loaded state_dict.
@@ -627,6 +598,22 @@ def build_backbone(name, weights=None, num_register_tokens=None, drop_path_rate=
     load_backbone_weights(model, state_dict, ignore_register_tokens=exact and num_register_tokens == 0)
     return model
 
+def build_student_teacher(arch, weights=None, num_register_tokens=None, drop_path_rate=0.0, pos_embed_rule="dinov2",
+                          head_hidden=2048, head_out=256, head_layers=3, teacher_head="random"):
+    """NeCo's student and teacher (NeCoModel each) from the same backbone weights; the teacher's head is its own random
+    draw (teacher_head "random", as the public run) or a copy ("copy"). Only the student gets gradients and stochastic
+    depth; the teacher follows it as an EMA."""
+    if teacher_head not in ("random", "copy"):
+        raise ValueError(f"teacher_head must be random or copy, got {teacher_head!r}")
+    backbones = [build_backbone(arch, w, num_register_tokens, rate, pos_embed_rule)
+                 for w, rate in ((weights, drop_path_rate), (None, 0.0))]
+    student, teacher = [NeCoModel(b, ProjectionHead(b.embed_dim, head_hidden, head_out, head_layers))
+                        for b in backbones]  # the teacher's head is drawn after the student's
+    teacher.backbone.load_state_dict(student.backbone.state_dict())
+    if teacher_head == "copy":
+        teacher.head.load_state_dict(student.head.state_dict())
+    teacher.requires_grad_(False)  # (the backbone's mask_token is frozen: NeCo never uses it)
+    return student, teacher
 
 def load_backbone(ckpt, teacher=False):
     """'hub:<name>', a train.py checkpoint (its student, or with teacher=True its EMA teacher) or a bare backbone
@@ -652,3 +639,18 @@ def load_backbone(ckpt, teacher=False):
     if bad is not None:
         raise ValueError(f"tensor {bad} holds NaN or inf values (a diverged run or a damaged file)")
     return backbone.eval(), about
+
+@torch.no_grad()
+def patch_features(backbone, images, precision="fp32", last_block=False, pad=False):
+    """uint8 images (B, 3, H, W) -> final-norm patch tokens (B, h, w, D), float32, not yet L2-normalised; last_block:
+    the last block's tokens before the final norm; pad: zeros after normalising, centred, to a multiple of the patch;
+    precision "bf16": autocast on CUDA."""
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    x, p = (images.float() / 255 - mean) / std, backbone.patch_size
+    if pad:
+        (dh, dw) = (-x.shape[2] % p, -x.shape[3] % p)
+        x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and x.is_cuda):
+        tokens = (backbone.get_intermediate_layers(x, n=1, norm=False)[0] if last_block
+                  else backbone.forward_features(x)["x_norm_patchtokens"])  # (B, N, D)
+    return tokens.float().reshape(len(x), x.shape[2] // p, x.shape[3] // p, -1)  # (B, h, w, D)

@@ -24,8 +24,6 @@ DISTRIBUTIONS = ("cauchy", "logistic", "logistic_phi", "gaussian", "reciprocal",
 # -----------------------------------------------------------------------------
 # the reference: a sorting network whose comparators are relaxed, one layer at a time, in plain autograd.
 # Each wire carries a value (for every row) and the weights of the inputs on it; P starts as the identity.
-
-
 def comparator_alpha(d, distribution, steepness, art_lambda):
     """alpha = F(steepness * d) for d = x_b - x_a: the weight of x_a in the relaxed min (diffsort's op order)."""
     v = steepness * d
@@ -44,31 +42,26 @@ def comparator_alpha(d, distribution, steepness, art_lambda):
         return v.clamp(-0.25, 0.25) + 0.5 + beyond * (0.25 - 1 / 16 / (v.abs() + 1e-10))
     raise ValueError(f"unknown distribution {distribution!r}; use one of {DISTRIBUTIONS}")
 
-
 def relaxed_min_max(alpha, a, b, descending):
     """New contents of slots a and b: the relaxed min goes to slot a and the max to slot b, or swapped."""
     lo = alpha * a + (1 - alpha) * b
     hi = (1 - alpha) * a + alpha * b
     return torch.where(descending, hi, lo), torch.where(descending, lo, hi)
 
-
 # A layer of disjoint comparators: wires [start, start + 2 * chunks * m) reshape to (chunks, 2, m), and comparator
 # (c, j) compares wire a = start + 2mc + j (slot a) with wire b = a + m (slot b). descending, dummy: (chunks, m).
 # group: while this layer runs, wires only ever mixed inside consecutive groups of this size (for the fast path).
 Layer = namedtuple("Layer", "start chunks m descending dummy group")
-
 
 def wire_pairs(t, layer):
     """Slot-a and slot-b views of t (wires, ...): (chunks, m, ...) each."""
     pairs = t[layer.start:layer.start + 2 * layer.chunks * layer.m].unflatten(0, (layer.chunks, 2, layer.m))
     return pairs[:, 0], pairs[:, 1]
 
-
 def with_pairs(t, layer, a, b):
     """t (wires, ...) with a, b (chunks, m, ...) on the layer's slots a and b; wires outside it pass through."""
     stop = layer.start + 2 * layer.chunks * layer.m
     return torch.cat([t[:layer.start], torch.stack([a, b], 1).flatten(0, 2), t[stop:]])
-
 
 def comparator_layer(x, P, layer, distribution, steepness, art_lambda):
     """One layer on x (wires, rows), the value on each wire, and P (wires, n, rows), the weight of each input on
@@ -81,7 +74,6 @@ def comparator_layer(x, P, layer, distribution, steepness, art_lambda):
     x = with_pairs(x, layer, *relaxed_min_max(alpha, x_a, x_b, descending))
     P = with_pairs(P, layer, *relaxed_min_max(alpha[:, :, None], P_a, P_b, descending[..., None]))
     return x, P
-
 
 def bitonic_network(n):
     """Bitonic network on N = 2^ceil(log2 n) wires. Real wire i sits at i + N - n: the first N - n wires are
@@ -99,7 +91,6 @@ def bitonic_network(n):
             layers.append(Layer(0, wires // (2 * m), m, descending, dummy, 2 ** (b + 1)))
     return wires, layers
 
-
 def odd_even_network(n):
     """Odd-even transposition: layer t compares (0,1), (2,3), ... for even t, (1,2), (3,4), ... for odd t."""
     layers = []
@@ -108,7 +99,6 @@ def odd_even_network(n):
         never = torch.zeros(chunks, 1, dtype=torch.bool)
         layers += [Layer(t % 2, chunks, 1, never, never, n)] if chunks else []
     return n, layers
-
 
 def reference_sort(x, net, distribution, steepness, art_lambda):
     """x (rows, n) -> x_sorted (rows, n), P (rows, n, n), the network (wires, layers) one layer at a time."""
@@ -120,18 +110,15 @@ def reference_sort(x, net, distribution, steepness, art_lambda):
         x, P = comparator_layer(x, P, layer, distribution, steepness, art_lambda)
     return x[wires - n:].T, P[wires - n:].permute(2, 1, 0)            # P[r, i, k]: input i at rank k
 
-
 # -----------------------------------------------------------------------------
 # the fast path. The values alone decide every alpha, so they go through the network first, as above. P is then
 # a linear mix of the wires' weights, pushed through ALL layers one cache-sized block of rows at a time. Backward
 # keeps only x and every comparator's d = x_b - x_a, and recomputes the rest. Rows are split into tasks that run
 # single-threaded on a pool of Python threads (see run_tasks).
-
 CPU_BLOCK_BYTES = 1 << 21     # a block's state (wires, wires, B rows) in the L2 cache of a core
 CUDA_BLOCK_BYTES = 1 << 24    # larger: a block has to fill the GPU
 TASKS = 8                     # CPU: rows are split into about this many tasks, so that a slow thread can be helped
 PARALLEL_ELEMENTS = 1 << 18   # CPU: a smaller block state runs on one thread (measured: n = 16 slower on two)
-
 
 @lru_cache(maxsize=64)
 def network_layers(n, name, device="cpu"):
@@ -139,12 +126,10 @@ def network_layers(n, name, device="cpu"):
     wires, layers = bitonic_network(n) if name == "bitonic" else odd_even_network(n)
     return wires, [l._replace(descending=l.descending.to(device), dummy=l.dummy.to(device)) for l in layers]
 
-
 def per_layer(packed, layers):
     """Each layer's (chunks, m, rows) view of a (comparators, rows) tensor."""
     parts = packed.split([layer.chunks * layer.m for layer in layers])
     return [p.unflatten(0, (layer.chunks, layer.m)) for p, layer in zip(parts, layers)]
-
 
 def sort_values(x, net, D, C, distribution, steepness, art_lambda):
     """x (rows, n) through the network as comparator_layer moves it, to the bit; writes every layer's
@@ -160,7 +145,6 @@ def sort_values(x, net, D, C, distribution, steepness, art_lambda):
         torch.where(layer.descending[..., None], alpha, 1 - alpha, out=c)
     return x[wires - n:].T
 
-
 def values_backward(g, layers, D, C, dC, g_C):
     """In place on g (wires, rows): the gradient w.r.t. the sorted values becomes that w.r.t. the input values.
     g_C[t]: dL/dc from the weights; dC[t] = dc/dd. In the c form a layer is a <- a - c (a - b), b <- b + c (a - b)."""
@@ -170,7 +154,6 @@ def values_backward(g, layers, D, C, dC, g_C):
         g_d = g_C[t].addcmul_(e, D[t], value=-1).mul_(dC[t])          # + the values' own dL/dc: e (a - b)
         g_a.addcmul_(e, C[t]).sub_(g_d)
         g_b.addcmul_(e, C[t], value=-1).add_(g_d)
-
 
 class Block:
     """Pushes B rows of P at a time through all layers, in a state (wires, wires, B): state[i, w, r] is the weight
@@ -216,7 +199,6 @@ class Block:
             g_a.addcmul_(e, c)
             g_b.addcmul_(e, c, value=-1)
 
-
 def split_rows(rows, wires, itemsize, device):
     """(B, T, threads): rows per block and per task, both multiples of 64 so that no kernel has a scalar tail (it
     rounds differently) and the results do not depend on how the rows are split; the threads to run the tasks on.
@@ -226,7 +208,6 @@ def split_rows(rows, wires, itemsize, device):
     B = max(64, min(fit, rows + 63 if cuda else rows // TASKS) // 64 * 64)
     T = -(-rows // B) * B if cuda else max(B, rows // (TASKS * B) * B)
     return B, T, torch.get_num_threads() if wires ** 2 * B >= PARALLEL_ELEMENTS else 1
-
 
 def run_tasks(task, starts, device, threads):
     """CPU: the tasks on a pool of `threads` Python threads, each task single-threaded (torch ops
@@ -247,7 +228,6 @@ def run_tasks(task, starts, device, threads):
             list(pool.map(single_threaded, starts))
     finally:
         torch.set_num_threads(torch_threads)
-
 
 class FastSort(torch.autograd.Function):
     """(x (rows, n), net, distribution, steepness, art_lambda) -> (x_sorted (rows, n), P (rows, n, n))."""
@@ -309,11 +289,8 @@ class FastSort(torch.autograd.Function):
         run_tasks(task, range(0, rows, T), x.device, threads)
         return g_x, None, None, None, None
 
-
 # -----------------------------------------------------------------------------
 # public API
-
-
 def check_arguments(n, network, steepness, distribution):
     if n < 2:
         raise ValueError(f"diff_sort needs at least 2 elements to sort, got n={n}")
@@ -323,7 +300,6 @@ def check_arguments(n, network, steepness, distribution):
         raise ValueError(f"unknown distribution {distribution!r}; use one of {DISTRIBUTIONS}")
     if not steepness > 0:
         raise ValueError(f"steepness must be positive, got {steepness}")
-
 
 def diff_sort(x, network="bitonic", steepness=10.0, distribution="cauchy", art_lambda=0.25, check_finite=True,
               fast=True):
@@ -347,7 +323,6 @@ def diff_sort(x, network="bitonic", steepness=10.0, distribution="cauchy", art_l
         x_sorted, P = (FastSort.apply if fast else reference_sort)(x.reshape(-1, n), net, distribution,
                                                                    float(steepness), float(art_lambda))
     return x_sorted.view(shape), P.view(*shape, n)
-
 
 class DiffSort(nn.Module):
     """diff_sort as a module for a fixed n."""

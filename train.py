@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data import (READ_ATTEMPTS, MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois,
                   make_synthetic_voc, photometric_params)
-from model import BACKBONE_NAMES, NeCoModel, ProjectionHead, build_backbone, patch_size_of, round_to_patch
+from model import BACKBONE_NAMES, build_student_teacher, patch_size_of, round_to_patch
 from sort import diff_sort
 
 # -----------------------------------------------------------------------------
@@ -134,20 +134,10 @@ def make_reference_sampler(ncfg, queue, gen, B):
     return refs_for_pair
 
 # -----------------------------------------------------------------------------
-# the networks: backbone + projection head on every patch token (model.NeCoModel), student and teacher
-def build_models(cfg):
-    """Student and teacher from the same backbone weights; the teacher's head is its own random draw (model.teacher_head
-    random, as the public run) or a copy. Only the student gets gradients and stochastic depth."""
-    m = cfg["model"]
-    backbones = [build_backbone(m["arch"], weights, m["num_register_tokens"], rate, m["pos_embed_rule"])
-                 for weights, rate in ((m["weights"], m["drop_path_rate"]), (None, 0.0))]
-    student, teacher = [NeCoModel(b, ProjectionHead(b.embed_dim, m["head_hidden"], m["head_out"], m["head_layers"]))
-                        for b in backbones]  # the teacher's head is drawn after the student's
-    teacher.backbone.load_state_dict(student.backbone.state_dict())
-    if m["teacher_head"] == "copy":
-        teacher.head.load_state_dict(student.head.state_dict())
-    teacher.requires_grad_(False)  # (the backbone's mask_token is frozen in model.py: NeCo never uses it)
-    return student, teacher
+# the networks: student and teacher start from the same backbone weights, each with a projection head on every patch
+# token (model.NeCoModel); the teacher's head is its own random draw, as the public run, and it gets no gradients
+def build_models(cfg):  # -> (student, teacher); the model section's keys are build_student_teacher's arguments
+    return build_student_teacher(**cfg["model"])
 
 # -----------------------------------------------------------------------------
 # the training step. It never waits for the GPU: the loss and its "finite" flag stay on the device, and a
@@ -400,7 +390,7 @@ class Run:
         self.stop_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         try:
             student, teacher = build_models(cfg)
-        except (ValueError, RuntimeError) as e:  # checkpoint keys that do not match the arch
+        except (ValueError, RuntimeError, TypeError) as e:  # keys that do not match the arch, or the function
             raise ConfigError(f"model: {e}")
         self.student, self.teacher = student.to(self.device).train(), teacher.to(self.device).eval()
         self.optimizer = make_optimizer(student, cfg)
@@ -431,12 +421,11 @@ class Run:
         """Write last.pt.tmp; with commit (the end, a signal) it becomes last.pt at once, else once a later step had
         a finite loss (flush_log): after lr 1e6 a finite step can wreck the weights, which must not become last.pt."""
         if self.is_main:
-            state = {
-                "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "queue": self.queue.state_dict(), "config": self.cfg,
-                "rng": {"torch": torch.get_rng_state(), "shared": self.gen.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                **{key: getattr(self, key) for key in COUNTERS}}
+            state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(), "config": self.cfg,
+                     "optimizer": self.optimizer.state_dict(), "queue": self.queue.state_dict(),
+                     "rng": {"torch": torch.get_rng_state(), "shared": self.gen.get_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                     **{key: getattr(self, key) for key in COUNTERS}}
             write_atomic(self.ckpt_path, lambda f: torch.save(state, f), commit)
         self.kept_step, self.unverified = (self.step, None) if commit else (self.kept_step, self.step)
 
@@ -458,8 +447,7 @@ class Run:
                     self.losses.append(loss)
                     verified |= self.unverified is not None and p.step > self.unverified
                 if self.is_main:
-                    self.log.write(json.dumps({
-                        "step": p.step, "epoch": p.epoch, "loss": loss if finite else None,
+                    self.log.write(json.dumps({"step": p.step, "epoch": p.epoch, "loss": loss if finite else None,
                         "lr": o["lr_backbone"] * p.sched["lr_scale"], "lr_head": o["lr_head"] * p.sched["lr_scale"],
                         "wd": p.sched["wd"], "momentum": p.sched["momentum"], "img_per_s": round(img_per_s, 2),
                         "skipped_images": self.skipped_images, "bad_steps": self.bad_steps}) + "\n")
@@ -587,15 +575,6 @@ def set_key(cfg, dotted, value):
                           f"{dotted}.{next(iter(node[last]), '...')}=...")
     node[last] = value
 
-def get_key(cfg, dotted):
-    node = cfg
-    for i, part in enumerate(dotted.split(".")):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"config key '{dotted}' is missing (no '{'.'.join(dotted.split('.')[:i + 1])}' in the "
-                              f"config file; compare it with the repository's config.yaml)")
-        node = node[part]
-    return node
-
 def dotted_items(tree, prefix=""):  # {'a': {'b': 1}} -> ('a.b', 1): a nested section as --set pairs
     for k, v in tree.items():
         yield from dotted_items(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
@@ -656,8 +635,7 @@ FLAG = rule("true or false", lambda v: isinstance(v, bool))
 TEXT = rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 DEVICE, POS_EMBED = one_of("auto", "cpu", "cuda"), one_of("dinov2", "neco")
 
-# key -> (what its value must be, the check): every key train.py reads (evaluate.py's: its EVAL_RULES; the sort's:
-# diff_sort's own)
+# key -> (what its value must be, the check): every key train.py reads (the sort's: diff_sort's own; eval: EVAL_RULES)
 CONFIG_RULES = {
     "out_dir": TEXT, "seed": COUNT, "model.arch": one_of(*BACKBONE_NAMES), "model.weights": rule(*TEXT, optional=True),
     "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.pos_embed_rule": POS_EMBED,
@@ -677,7 +655,13 @@ CONFIG_RULES = {
 def check_rules(cfg, rules):
     """Every key of rules is in cfg and holds what its rule asks: one line naming the first that does not."""
     for key, (what, ok) in rules.items():
-        if not ok(value := get_key(cfg, key)):
+        value, parts = cfg, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(value, dict) or part not in value:
+                raise ConfigError(f"config key '{key}' is missing (no '{'.'.join(parts[:i + 1])}' in the config file; "
+                                  f"compare it with the repository's config.yaml)")
+            value = value[part]
+        if not ok(value):
             raise ConfigError(f"config key '{key}' must be {what}, got {'nothing' if value is None else repr(value)}")
 
 def validate(cfg, demo=False):

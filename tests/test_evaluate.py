@@ -1071,7 +1071,7 @@ def test_spair_correspondence_end_to_end(ckpt, spair, tmp_path, capsys):
 
 def test_patch_features_pads_the_normalised_image_with_zeros_centred(ckpt):
     images = torch.randint(0, 256, (1, 3, 60, 47), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    feats = evaluate.patch_features(ckpt[1], images, pad=True, last_block=True)  # 60 x 47 -> 70 x 56: 5 x 4 patches
+    feats = model.patch_features(ckpt[1], images, pad=True, last_block=True)  # 60 x 47 -> 70 x 56: 5 x 4 patches
     mean, std = (torch.tensor(v)[:, None, None] for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
     x = F.pad((images.float() / 255 - mean) / std, (4, 5, 5, 5))  # 9 columns: 4 left, 5 right; 10 rows: 5 and 5
     expected = ckpt[1].get_intermediate_layers(x, n=1, norm=False)[0].reshape(1, 5, 4, -1)
