@@ -7,25 +7,18 @@ Box convention everywhere: xyxy in continuous pixel coordinates, pixel column j 
 columns j..j+w-1 has x1 = j, x2 = j + w. Feature maps follow the same rule in patch units (cell i spans [i, i + 1]),
 which is the convention of torchvision.ops.roi_align with aligned=True.
 """
-import hashlib
-import io
-import json
-import math
-import os
-import random
-import sys
+import hashlib, io, json, math, os, random, sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # the photometric augmentation of the public run, drawn independently for every crop
 JITTER, JITTER_P = (0.8, 0.8, 0.8, 0.2), 0.8  # ColorJitter(brightness, contrast, saturation, hue), applied with p
 GREY_P = 0.2  # RandomGrayscale
@@ -55,8 +48,7 @@ class MultiCrop:
         self.global_rrc = v2.RandomResizedCrop(global_size, scale=tuple(global_scale))
         self.local_rrc = v2.RandomResizedCrop(local_size, scale=tuple(local_scale))
         self.augment = v2.Compose([v2.ToDtype(torch.float32, scale=True)] + ([
-            v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P),
-            v2.RandomGrayscale(p=GREY_P),
+            v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P), v2.RandomGrayscale(p=GREY_P),
             v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=BLUR_SIGMA)], p=BLUR_P),
         ] if photometric else []) + [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -122,8 +114,7 @@ def decode_file(path, what, mode):
 
 def read_image(path):
     """RGB uint8 (3, H, W). Grey, CMYK and alpha images become RGB; 16-bit PNGs are scaled to 8 bits."""
-    img = decode_file(path, "image", ImageReadMode.RGB)
-    return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
+    return TF.to_dtype(decode_file(path, "image", ImageReadMode.RGB), torch.uint8, scale=True)  # uint8 stays as it is
 
 def list_images(root):
     """All image files under root, recursively, sorted. Links to folders are followed (datasets are often linked in),
@@ -189,9 +180,8 @@ def collate_multicrop(batch):
 
 # -----------------------------------------------------------------------------
 # segmentation datasets for evaluation
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+VOC_CLASSES = tuple("background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse "
+                    "motorbike person pottedplant sheep sofa train tvmonitor".split())
 ADE20K_CLASSES = ("unlabeled,wall,building,sky,floor,tree,ceiling,road,bed,windowpane,grass,cabinet,sidewalk,person,"
                   "earth,door,table,mountain,plant,curtain,chair,car,water,painting,sofa,shelf,house,sea,mirror,rug,"
                   "field,armchair,seat,fence,desk,rock,wardrobe,lamp,bathtub,railing,cushion,base,box,column,signboard,"
@@ -263,16 +253,14 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
-    def image_path(self, i):
-        return self.image_dir / self.NAMES[0].format(id=self.ids[i], city=self.ids[i].split("_")[0])
-
-    def mask_path(self, i):
-        return self.mask_dir / self.NAMES[1].format(id=self.ids[i], city=self.ids[i].split("_")[0])
+    def paths(self, i):  # item i's image and mask files
+        fields = {"id": self.ids[i], "city": self.ids[i].split("_")[0]}
+        return self.image_dir / self.NAMES[0].format(**fields), self.mask_dir / self.NAMES[1].format(**fields)
 
     def load_mask(self, i):
         """Class ids (H, W) of item i. A value that is neither a class nor the ignore index is an error naming the
         file: it would change the mIoU without a word (a memory patch voting for a class that does not exist)."""
-        path = self.mask_path(i)
+        path = self.paths(i)[1]
         mask = read_mask(path) if self.lut is None else self.lut[read_mask(path).clamp(0, 255)]  # (H, W)
         bad = (mask != self.ignore_index) & ((mask < 0) | (mask >= self.num_classes))
         if bad.any():
@@ -282,11 +270,11 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def check_size(self, i, mask, image_hw):
         if tuple(mask.shape) != tuple(image_hw):
-            raise ValueError(f"mask {self.mask_path(i)} is {tuple(mask.shape)} but its image is {tuple(image_hw)}")
+            raise ValueError(f"mask {self.paths(i)[1]} is {tuple(mask.shape)} but its image is {tuple(image_hw)}")
         return mask
 
     def __getitem__(self, i):
-        image = read_image(self.image_path(i))  # (3, H, W)
+        image = read_image(self.paths(i)[0])  # (3, H, W)
         return image, self.check_size(i, self.load_mask(i), image.shape[1:])  # (H, W)
 
     def drop_unreadable(self):
@@ -296,7 +284,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         for i in tqdm(range(len(self)), desc="checking files", leave=False, disable=None):  # a bar on a terminal only
             try:
                 mask = self.load_mask(i)  # (H, W)
-                with Image.open(self.image_path(i)) as im:
+                with Image.open(self.paths(i)[0]) as im:
                     self.check_size(i, mask, (im.height, im.width))
                 keep.append(self.ids[i])
             except FileNotFoundError:
@@ -317,11 +305,10 @@ class VOCSegmentation(SegmentationFolder):
             raise ValueError(f"VOC split must be train, val or trainaug, got '{split}'")
         base = Path(root) / "VOC2012" if (Path(root) / "VOC2012").is_dir() else Path(root)
         flat = (base / "images").is_dir() and not (base / "JPEGImages").is_dir()
-        image_dir = base / ("images" if flat else "JPEGImages")
-        sets_file = base / ("sets" if flat else "ImageSets/Segmentation") / f"{split}.txt"
+        image_dir, sets = (base / d for d in (("images", "sets") if flat else ("JPEGImages", "ImageSets/Segmentation")))
         mask_dir = base / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
         _require("VOC", self.LAYOUT, image_dir, mask_dir)
-        ids = read_id_list(sets_file, "VOC split file", f"the {split} id list of {self.LAYOUT}")
+        ids = read_id_list(sets / f"{split}.txt", "VOC split file", f"the {split} id list of {self.LAYOUT}")
         names = base / "class_names.txt"
         names = [n.strip() for n in names.read_text().splitlines() if n.strip()] if names.is_file() else VOC_CLASSES
         super().__init__(select_ids(ids, fraction, seed, ids_file), image_dir, mask_dir, names, ignore_index=255)
@@ -351,9 +338,8 @@ def coco_supercategory_lut(kind, offset=1):
     return lut
 
 class COCOStuffSeg(SegmentationFolder):
-    """COCO-Things (12 classes) or COCO-Stuff (15), 255 ignored; the ids are the masks present. Masks: the COCO-Stuff
-    label maps, or the reference evaluator's (things: panoptic category ids in annotations/{split}2017; stuff: the
-    stuff pixel maps). Images in images/{train,val}2017 or {train,val}2017 directly under the COCO root."""
+    """COCO-Things (12 classes) or COCO-Stuff (15), 255 ignored; the ids are the masks present: the COCO-Stuff label
+    maps or the reference evaluator's (things: panoptic ids; stuff: pixel maps); images also in root/{train,val}2017."""
     LAYOUT = ("images/{train,val}2017/*.jpg and stuffthingmaps_trainval2017/{train,val}2017/*.png (or annotations/"
               "{train,val}2017, annotations/stuff_annotations/stuff_{train,val}2017_pixelmaps) under the COCO root")
 
@@ -362,8 +348,7 @@ class COCOStuffSeg(SegmentationFolder):
         image_dir, mask_dir = root / "images" / f"{split}2017", root / "stuffthingmaps_trainval2017" / f"{split}2017"
         theirs = root / "annotations" / (f"{split}2017" if kind == "things" else
                                          f"stuff_annotations/stuff_{split}2017_pixelmaps")
-        offset = 0 if not mask_dir.is_dir() and theirs.is_dir() else 1
-        mask_dir = theirs if offset == 0 else mask_dir
+        mask_dir, offset = (theirs, 0) if not mask_dir.is_dir() and theirs.is_dir() else (mask_dir, 1)
         if not image_dir.is_dir() and (root / f"{split}2017").is_dir():
             image_dir = root / f"{split}2017"
         _require("COCO", self.LAYOUT, image_dir, mask_dir)
@@ -391,8 +376,7 @@ class Cityscapes(SegmentationFolder):
         ids = sorted(p.name[:-len("_leftImg8bit.png")] for p in image_dir.glob("*/*_leftImg8bit.png"))
         if not ids:
             raise FileNotFoundError(f"no *_leftImg8bit.png images in {image_dir}/<city>: expected {self.LAYOUT}")
-        lut = torch.full((256,), 255, dtype=torch.long)
-        lut[list(CITYSCAPES_CLASSES)] = torch.arange(19)
+        lut = torch.full((256,), 255).scatter(0, torch.tensor(list(CITYSCAPES_CLASSES)), torch.arange(19))  # int64
         super().__init__(select_ids(ids, fraction, seed, ids_file), image_dir, mask_dir,
                          CITYSCAPES_CLASSES.values(), ignore_index=255, lut=lut)
 
@@ -413,11 +397,10 @@ def photometric_params(n, gen):
     """Random parameters of n crops on gen's device (which ops apply, jitter order and factors, blur sigma)."""
     def uniform(low=0.0, high=1.0):
         return low + (high - low) * torch.rand(n, generator=gen, device=gen.device)
-    b, c, s, h = JITTER
     return {"jitter": uniform() < JITTER_P,
             "order": torch.rand(n, 4, generator=gen, device=gen.device).argsort(dim=1),  # a permutation per crop
-            "factors": torch.stack([uniform(1 - b, 1 + b), uniform(1 - c, 1 + c), uniform(1 - s, 1 + s),
-                                    uniform(-h, h)], dim=1),  # (n, 4): brightness, contrast, saturation, hue shift
+            "factors": torch.stack([uniform(1 - j, 1 + j) for j in JITTER[:3]] + [uniform(-JITTER[3], JITTER[3])],
+                                   dim=1),  # (n, 4): brightness, contrast, saturation, hue shift
             "gray": uniform() < GREY_P, "blur": uniform() < BLUR_P, "sigma": uniform(*BLUR_SIGMA)}
 
 def per_crop(v):
@@ -432,8 +415,7 @@ def adjust_hue(x, shift):
     r, g, b = x.unbind(1)
     v, low = x.amax(dim=1), x.amin(dim=1)  # (B, H, W)
     chroma = v - low
-    s = chroma / torch.where(chroma > 0, v, 1.0)
-    d = torch.where(chroma > 0, chroma, 1.0)
+    s, d = chroma / torch.where(chroma > 0, v, 1.0), torch.where(chroma > 0, chroma, 1.0)  # saturation, safe divisor
     h = torch.where(v == r, (g - b) / d, torch.where(v == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
     h = torch.remainder(h / 6.0 + shift.view(-1, 1, 1), 1.0)
     # back to RGB: channel n (r 5, g 3, b 1) = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6
@@ -468,10 +450,8 @@ def color_jitter(x, params):
 
 def gaussian_blur(x, sigma):
     """torchvision's GaussianBlur(13) with one sigma per crop: separable, reflect-padded. x (B, C, H, W)."""
-    B, C, H, W = x.shape
-    half = BLUR_KERNEL // 2
-    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / per_crop(sigma).view(-1, 1)) ** 2)
+    (B, C, H, W), half = x.shape, BLUR_KERNEL // 2
+    k = torch.exp(-0.5 * (torch.arange(-half, half + 1, device=x.device, dtype=x.dtype) / sigma[:, None]) ** 2)
     k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, 13): one kernel per channel
     x = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, B * C, H + 2 * half, W + 2 * half)
     x = F.conv2d(x, k.view(B * C, 1, 1, -1), groups=B * C)  # along W
@@ -506,8 +486,7 @@ SYNTHETIC_CLASSES = ("background", "striped disc", "checkered square", "dotted t
                      "ringed annulus", "hatched diamond")
 # base colours, jittered per object: classes 1/2 share red and 3/4 blue, so only texture and shape tell them apart
 _COLOURS = {1: (200, 60, 50), 2: (200, 60, 50), 3: (60, 90, 200), 4: (60, 90, 200), 5: (70, 170, 80), 6: (210, 190, 60)}
-# inside-masks and textures in [0, 1] in an object's frame (u, v), r its radius; texture periods of 5-8 px, so that a
-# 14 px patch sees them
+# inside-masks and [0, 1] textures in an object's frame (u, v), r its radius; periods of 5-8 px: a 14 px patch sees them
 _SHAPES = {
     1: lambda u, v, r: u * u + v * v <= r * r,  # disc
     2: lambda u, v, r: torch.maximum(u.abs(), v.abs()) <= 0.85 * r,  # square
@@ -515,8 +494,7 @@ _SHAPES = {
     3: lambda u, v, r: (v <= 0.6 * r) & (0.866 * u - 0.5 * v <= 0.6 * r) & (-0.866 * u - 0.5 * v <= 0.6 * r),
     4: lambda u, v, r: (u / r) ** 2 + (v / (0.55 * r)) ** 2 <= 1,  # ellipse
     5: lambda u, v, r: ((u * u + v * v).sqrt() <= r) & ((u * u + v * v).sqrt() >= 0.5 * r),  # annulus
-    6: lambda u, v, r: u.abs() + v.abs() <= r,  # diamond
-}
+    6: lambda u, v, r: u.abs() + v.abs() <= r}  # diamond
 _TEXTURES = {
     1: lambda u, v, g: 0.5 + 0.5 * torch.sin(2 * math.pi * u / 6),  # stripes
     2: lambda u, v, g: ((torch.floor(u / 4) + torch.floor(v / 4)) % 2).float(),  # checkerboard
@@ -524,8 +502,7 @@ _TEXTURES = {
     4: lambda u, v, g: ((F.avg_pool2d(torch.rand((1, 1) + u.shape, generator=g), 3, 1, 1, count_include_pad=False)
                          [0, 0] - 0.5) * 3 + 0.5).clamp(0, 1),  # speckles: smoothed noise, contrast stretched
     5: lambda u, v, g: 0.5 + 0.5 * torch.sin(2 * math.pi * (u * u + v * v).sqrt() / 5),  # concentric rings
-    6: lambda u, v, g: (((u % 7) < 1.5) | ((v % 7) < 1.5)).float(),  # cross-hatching
-}
+    6: lambda u, v, g: (((u % 7) < 1.5) | ((v % 7) < 1.5)).float()}  # cross-hatching
 
 def _uniform(g, lo, hi):
     return lo + (hi - lo) * torch.rand((), generator=g).item()
@@ -539,9 +516,8 @@ def render_scene(size, g):
     """One synthetic scene from generator g: (image uint8 (3, S, S), labels uint8 (S, S) with 255 borders)."""
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")  # pixel centres
     # background: a muted colour with low-frequency blotches, plain, with waves or with grain; (3, S, S), 0..255
-    base = torch.tensor([_uniform(g, 50, 200) for _ in range(3)])
-    blotches = F.interpolate(torch.randn(1, 3, 4, 4, generator=g) * 35, size=(size, size), mode="bilinear")[0]
-    img = base[:, None, None] + blotches
+    base = torch.tensor([_uniform(g, 50, 200) for _ in range(3)])[:, None, None]  # (3, 1, 1)
+    img = base + F.interpolate(torch.randn(1, 3, 4, 4, generator=g) * 35, size=(size, size), mode="bilinear")[0]
     style = int(torch.randint(3, (), generator=g))
     if style == 1:
         a, period = _uniform(g, 0, math.pi), _uniform(g, 12, 24)
@@ -565,30 +541,31 @@ def render_scene(size, g):
     img = img + 4 * torch.randn(3, size, size, generator=g)  # sensor noise
     return img.round().clamp(0, 255).to(torch.uint8), _void_borders(labels)
 
-def claim_synthetic_folder(root, name, params, force=False):
-    """root/name for a synthetic set with these params, or None when a complete one is there (unless force): its marker
-    .synthetic, written first, holds them once complete. Other non-empty folders (real data) are refused."""
+def write_synthetic_set(root, name, params, force, write):
+    """root/name, where write(root/name) puts a synthetic set of these params unless a complete one is there (or force):
+    its marker .synthetic, written first, holds them once complete. Other non-empty folders (real data) are refused."""
     root = Path(root).expanduser()
     folder, marker = root / name, root / name / ".synthetic"
-    if marker.is_file():
-        if not force and marker.read_text() == json.dumps(params):
-            return None
-    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if marker.is_file() and not force and marker.read_text() == json.dumps(params):
+        return folder
+    if not marker.is_file() and root.exists() and (not root.is_dir() or any(root.iterdir())):
         # FileNotFoundError: what train.py and evaluate.py report as one line
         raise FileNotFoundError(f"{root} is not empty and holds no synthetic set (no {name}/.synthetic): synthetic "
                                 f"data is only written into a new or empty folder; pass another one")
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text("incomplete")  # ours from here on; complete once it holds the params
+    write(folder)
+    marker.write_text(json.dumps(params))
     return folder
 
 def make_synthetic_voc(root="data/synthetic", n_images=200, image_size=160, seed=0, force=False):
     """Write a synthetic set in the VOC devkit layout under root/VOC2012 and return that folder: palette masks in
     SegmentationClass, the same labels 1-channel in SegmentationClassAug, 3/4 train = trainaug, 1/4 val; image i
-    depends on (seed, i) only. Kept unless the arguments change or force (see claim_synthetic_folder)."""
+    depends on (seed, i) only. Kept unless the arguments change or force (see write_synthetic_set)."""
     params = {"n_images": n_images, "image_size": image_size, "seed": seed, "version": 1}
-    voc = claim_synthetic_folder(root, "VOC2012", params, force)
-    if voc is None:
-        return Path(root).expanduser() / "VOC2012"
+    return write_synthetic_set(root, "VOC2012", params, force, lambda voc: _write_voc(voc, n_images, image_size, seed))
+
+def _write_voc(voc, n_images, image_size, seed):
     images, masks, aug, sets = (voc / d for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
                                                   "ImageSets/Segmentation"))
     for d in (images, masks, aug, sets):
@@ -609,15 +586,11 @@ def make_synthetic_voc(root="data/synthetic", n_images=200, image_size=160, seed
     for split, split_ids in (("train", ids[:n_train]), ("trainaug", ids[:n_train]), ("val", ids[n_train:])):
         (sets / f"{split}.txt").write_text("".join(f"{x}\n" for x in split_ids))
     (voc / "class_names.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n")
-    (voc / ".synthetic").write_text(json.dumps(params))
-    return voc
 
 # -----------------------------------------------------------------------------
 # SPair-71k keypoint pairs, and synthetic pairs in its layout made by known affine warps
-SPAIR_CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog",
-                    "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")
+SPAIR_CATEGORIES = tuple(c for c in VOC_CLASSES[1:] if c not in ("diningtable", "sofa"))  # 18 of VOC's 20 objects
 SPAIR_LAYOUT = "JPEGImages/<category>/*.jpg, ImageAnnotation/<category>/*.json and PairAnnotation/<split>/*.json"
-
 SPAIR_BINS = ("0", "1", "2", "all")  # the pairs' viewpoint_variation, and every pair
 
 def spair_pairs(root, split="test", per_bin=None):
@@ -639,8 +612,7 @@ def spair_view(root, category, name, size):
     keypoints (K, 3) int64 (x, y, visible) from ImageAnnotation, truncated to whole pixels before and after scaling."""
     with Image.open(Path(root) / "JPEGImages" / category / f"{name}.jpg") as im:
         im, side = im.convert("RGB"), max(im.size)
-        square = Image.new("RGB", (side, side), (255, 255, 255))
-        square.paste(im)
+    square = ImageOps.expand(im, (0, 0, side - im.width, side - im.height), fill=(255, 255, 255))
     kps = json.loads((Path(root) / "ImageAnnotation" / category / f"{name}.json").read_text())["kps"]
     kps = torch.tensor([[int(xy[0]), int(xy[1]), 1] if xy else [0, 0, 0]
                         for xy in (kps[str(k)] for k in range(len(kps)))])  # "0".."K-1": [x, y] or null
@@ -662,9 +634,9 @@ def make_synthetic_spair(root="data/synthetic_spair", n_categories=2, n_pairs=6,
     and its affine warp onto a wider canvas (the rotation grows with the viewpoint bin, i % 3), the keypoints moved by
     the same warp (null where they leave the frame); each pair JSON also holds its "warp" [A | b] (pixels)."""
     params = {"n_categories": n_categories, "n_pairs": n_pairs, "image_size": image_size, "n_kps": n_kps, "seed": seed}
-    top = claim_synthetic_folder(root, "SPair-71k", params, force)
-    if top is None:
-        return Path(root).expanduser() / "SPair-71k"
+    return write_synthetic_set(root, "SPair-71k", params, force, lambda top: _write_spair(top, **params))
+
+def _write_spair(top, n_categories, n_pairs, image_size, n_kps, seed):
     S, names = image_size, []
     for c, category in enumerate(SPAIR_CATEGORIES[:n_categories]):
         for i in range(n_pairs):
@@ -692,8 +664,6 @@ def make_synthetic_spair(root="data/synthetic_spair", n_categories=2, n_pairs=6,
                 "warp": torch.cat([A, b[:, None]], 1).tolist()})
             names.append(pair)
     _write(top / "Layout" / "large" / "test.txt", "".join(f"{n}\n" for n in names).encode())
-    (top / ".synthetic").write_text(json.dumps(params))
-    return top
 
 def _write(path, content):
     path.parent.mkdir(parents=True, exist_ok=True)
