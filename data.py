@@ -1,13 +1,13 @@
 """
-Data for NeCo: the multi-crop transform that records every crop's box, the training images, the evaluation datasets
-(VOC, ADE20k, Cityscapes, COCO-Things/Stuff, SPair-71k pairs), the photometric augmentation batched on the device,
-and synthetic sets in the VOC and SPair-71k layouts.
+Data for NeCo: the multi-crop transform that records every crop's box, training images and their loader, the
+evaluation datasets (VOC, ADE20k, Cityscapes, COCO-Things/Stuff, SPair-71k pairs), the photometric augmentation batched
+on the device, and synthetic sets in the VOC and SPair-71k layouts.
 
 Box convention everywhere: xyxy in continuous pixel coordinates, pixel column j spans [j, j + 1], so a crop of the
 columns j..j+w-1 has x1 = j, x2 = j + w. Feature maps follow the same rule in patch units (cell i spans [i, i + 1]),
 which is the convention of torchvision.ops.roi_align with aligned=True.
 """
-import hashlib, io, json, math, os, random, sys
+import hashlib, io, json, math, os, random, signal, sys
 from pathlib import Path
 
 import torch
@@ -18,7 +18,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from model import IMAGENET_MEAN, IMAGENET_STD  # every backbone family's input normalisation
+
 # the photometric augmentation of the public run, drawn independently for every crop
 JITTER, JITTER_P = (0.8, 0.8, 0.8, 0.2), 0.8  # ColorJitter(brightness, contrast, saturation, hue), applied with p
 GREY_P = 0.2  # RandomGrayscale
@@ -92,7 +93,7 @@ def crop_intersection_rois(box_g, box_v, grid_g, grid_v, patch_size=14):
     return to_grid(box_g, grid_g), to_grid(box_v, grid_v)
 
 # -----------------------------------------------------------------------------
-# training images
+# training images and their loader
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what decode_image reads (it has no BMP or TIFF decoder)
 READ_ATTEMPTS = 20  # an unreadable image is replaced at most this many times in a row before the loop gives up
 
@@ -177,6 +178,33 @@ def collate_multicrop(batch):
         return None, None, n_unreadable
     crops = [torch.stack(views) for views in zip(*(sample[0] for sample, _ in batch))]
     return crops, torch.stack([sample[1] for sample, _ in batch]), n_unreadable  # boxes (B, V, 4)
+
+def epoch_batches(n_images, batch, epoch, seed, start=0, rank=0, world=1):
+    """This rank's share of each batch of an epoch from batch `start` on; the order depends on (seed, epoch) only."""
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_rank = batch // world
+    return [order[b * batch + rank * per_rank:b * batch + (rank + 1) * per_rank]
+            for b in range(start, n_images // batch)]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+def ignore_stop_signals(worker_id):  # Ctrl-C signals the process group: the main process saves, then ends workers
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came while the worker started is dropped
+
+def train_loader(dataset, batches, num_workers, pin_memory=False):
+    """An iterator over the batches (collate_multicrop's); its workers start with the stop signals blocked (a signal
+    between their fork and ignore_stop_signals would kill them), the main process gets a blocked one once they run."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate_multicrop, num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator())  # its own generator: the loader never draws from the global RNG
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)  # (the workers fork here)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 # -----------------------------------------------------------------------------
 # segmentation datasets for evaluation

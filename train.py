@@ -19,8 +19,8 @@ from torch.profiler import record_function
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
-from data import (READ_ATTEMPTS, MultiCrop, TrainImages, augment_batch, collate_multicrop, crop_intersection_rois,
-                  make_synthetic_voc, photometric_params)
+from data import (READ_ATTEMPTS, STOP_SIGNALS, MultiCrop, TrainImages, augment_batch, crop_intersection_rois,
+                  epoch_batches, make_synthetic_voc, photometric_params, train_loader)
 from model import BACKBONE_NAMES, build_student_teacher, patch_size_of, round_to_patch
 from sort import diff_sort
 
@@ -320,33 +320,6 @@ def over_ranks(values, device, op="SUM"):  # this rank's host ints -> their elem
     dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
     return total.tolist()
 
-def epoch_batches(n_images, batch, epoch, seed, start, rank, world):  # this rank's share of each batch from `start`
-    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    per_rank = batch // world
-    return [order[b * batch + rank * per_rank:b * batch + (rank + 1) * per_rank]
-            for b in range(start, n_images // batch)]
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-def ignore_stop_signals(worker_id):  # Ctrl-C signals the process group: the main process saves, then ends workers
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came while the worker started is dropped
-
-def make_loader(dataset, batches, cfg, device):
-    """An iterator over the batches; its workers start with the stop signals blocked (a signal between their fork
-    and ignore_stop_signals would kill them), the main process gets a blocked one once they run."""
-    workers = cfg["data"]["num_workers"]
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, collate_fn=collate_multicrop, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, worker_init_fn=ignore_stop_signals,
-        generator=torch.Generator())  # its own generator: the loader never draws from the global RNG
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)  # (the workers fork here)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
 def speed_settings(student, teacher, cfg, compile_backend="inductor"):
     """The train.* switches of speed and memory; compiling block by block keeps activation checkpointing as it is."""
     t = cfg["train"]
@@ -499,8 +472,9 @@ def train(cfg, demo=False):
             epoch, start = divmod(run.step, len(run.dataset) // o["batch_size"])
             run.dataset.set_epoch(epoch)
             batches = epoch_batches(len(run.dataset), o["batch_size"], epoch, cfg["seed"], start, rank, world)
-            for crops, boxes, n_unreadable in make_loader(run.dataset, batches[:run.stop_step - run.step], cfg,
-                                                          run.device):
+            loader = train_loader(run.dataset, batches[:run.stop_step - run.step], cfg["data"]["num_workers"],
+                                  pin_memory=run.device.type == "cuda")
+            for crops, boxes, n_unreadable in loader:
                 if crops is None:  # READ_ATTEMPTS unreadable files in a row: the folder is gone or holds no images
                     if world == 1:  # (under torchrun the other ranks wait in a collective: no checkpoint there)
                         run.flush_log()
