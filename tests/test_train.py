@@ -993,3 +993,13 @@ def test_an_unknown_model_key_in_the_config_file_is_one_line_naming_it(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model: ") and "'drop_path_rat'" in err[0], err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_finished_run_rerun_says_there_is_nothing_to_run(tmp_path, images, capsys):
+    sets = tiny_sets(tmp_path / "run", images, **{"train.max_steps": 2})
+    assert train.main(["--config", str(ROOT / "config.yaml"), "--set", *sets]) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert first.startswith("done: step 2/") and "loss " in first and "(first/last 5 steps of this process)" in first
+    assert train.main(["--config", str(ROOT / "config.yaml"), "--set", *sets]) == 0
+    again = capsys.readouterr().out.strip().splitlines()[-1]
+    assert again.startswith("done: step 2/") and "no step to run" in again and "nan" not in again, again
