@@ -521,8 +521,8 @@ def train(cfg, demo=False):
     return run.step
 
 # -----------------------------------------------------------------------------
-# config: one YAML file, any key overridable with --set section.key=value, checked by the table below (evaluate.py
-# and bench.py use load_config, validate and pick_device too)
+# config: one YAML file, any key overridable with --set section.key=value, checked by a table of rules (evaluate.py
+# uses load_config, check_rules with its own table, and pick_device too; bench.py load_config and pick_device)
 class ConfigError(ValueError):
     """A mistake in the config or on the command line: reported as one line, no traceback."""
 
@@ -594,7 +594,7 @@ def each(section, keys, check):  # one rule for several keys of a section
 
 COUNT = rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
 POSITIVE_INT = rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
-PATCHES = rule("a size in pixels >= 8", lambda v: is_int(v) and v >= 8)  # rounded to whole patches by validate
+PATCHES = rule("a size in pixels >= 8", lambda v: is_int(v) and v >= 8)  # rounded to whole patches later
 POSITIVE = rule("a number > 0", lambda v: is_num(v) and v > 0)
 NON_NEGATIVE = rule("a number >= 0", lambda v: is_num(v) and v >= 0)
 FRACTION = rule("a number in [0, 1]", lambda v: is_num(v) and 0 <= v <= 1)
