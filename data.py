@@ -479,7 +479,7 @@ def color_jitter(x, params):
 def gaussian_blur(x, sigma):
     """torchvision's GaussianBlur(13) with one sigma per crop: separable, reflect-padded. x (B, C, H, W)."""
     (B, C, H, W), half = x.shape, BLUR_KERNEL // 2
-    k = torch.exp(-0.5 * (torch.arange(-half, half + 1, device=x.device, dtype=x.dtype) / sigma[:, None]) ** 2)
+    k = torch.exp(-0.5 * (torch.arange(-half, half + 1, device=x.device, dtype=x.dtype) / sigma.reshape(-1, 1)) ** 2)
     k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, 13): one kernel per channel
     x = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, B * C, H + 2 * half, W + 2 * half)
     x = F.conv2d(x, k.view(B * C, 1, 1, -1), groups=B * C)  # along W
@@ -617,7 +617,8 @@ def _write_voc(voc, n_images, image_size, seed):
 
 # -----------------------------------------------------------------------------
 # SPair-71k keypoint pairs, and synthetic pairs in its layout made by known affine warps
-SPAIR_CATEGORIES = tuple(c for c in VOC_CLASSES[1:] if c not in ("diningtable", "sofa"))  # 18 of VOC's 20 objects
+SPAIR_CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog",
+                    "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")
 SPAIR_LAYOUT = "JPEGImages/<category>/*.jpg, ImageAnnotation/<category>/*.json and PairAnnotation/<split>/*.json"
 SPAIR_BINS = ("0", "1", "2", "all")  # the pairs' viewpoint_variation, and every pair
 

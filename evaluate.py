@@ -505,30 +505,31 @@ def write_grid(tiles, path):
     path.write_bytes(bytes(encode_png(make_grid(tiles, nrow=3, padding=4, pad_value=255)).numpy()))
 
 # ---- the command line: settings, data, checks before anything heavy runs, the result line
-# key -> (what its value must be, the check): every key of the eval section (train.py's: train.CONFIG_RULES)
+# key -> (what its value must be, the check): every key of the eval section, task by task (train.py's: CONFIG_RULES)
 EVAL_RULES = {
     "eval.device": DEVICE, "eval.precision": one_of("fp32", "bf16"), **each("eval", "num_workers vis_images", COUNT),
     "eval.voc_train_split": one_of("trainaug", "train"), **each("eval.roots", "voc ade20k coco cityscapes spair", TEXT),
-    **{f"eval.{task}.pos_embed_rule": POS_EMBED for task in ("incontext", "linear", "cluster", "spair", "pca")},
-    **{f"eval.{task}.image_size": PATCHES for task in ("incontext", "linear", "cluster", "pca")},
-    **{f"eval.{task}.batch_size": POSITIVE_INT for task in ("incontext", "linear", "cluster")},
-    "eval.incontext.protocol": one_of("hbird", "dip"), **each("eval.incontext", "aug_epochs seed", COUNT),
+    "eval.incontext.protocol": one_of("hbird", "dip"), "eval.incontext.image_size": PATCHES,
     "eval.incontext.memory_size": rule("an integer >= 1 or a list of them (a sweep)", lambda v: POSITIVE_INT[1](v) or (
         isinstance(v, list) and len(v) > 0 and all(map(POSITIVE_INT[1], v))), optional=True),
-    "eval.incontext.k": POSITIVE_INT, "eval.incontext.temperature": rule(*POSITIVE, optional=True),
-    "eval.incontext.fraction": SHARE, "eval.incontext.subset_file": rule(*TEXT, optional=True),
-    **each("eval.linear", "out_size epochs", POSITIVE_INT), **each("eval.linear", "lr lr_gamma", POSITIVE),
-    **each("eval.linear", "lr_step_epoch seed", COUNT), "eval.linear.train_aug": FLAG, "eval.cluster.iters": COUNT,
-    "eval.linear.momentum": BELOW_ONE, "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.coco_fraction": SHARE,
-    **each("eval.cluster", "gt_size pca_dim seeds redo max_points_per_centroid", POSITIVE_INT),
+    **each("eval.incontext", "aug_epochs seed", COUNT), **each("eval.incontext", "k batch_size", POSITIVE_INT),
+    "eval.incontext.temperature": rule(*POSITIVE, optional=True), "eval.incontext.fraction": SHARE,
+    "eval.incontext.subset_file": rule(*TEXT, optional=True), "eval.incontext.pos_embed_rule": POS_EMBED,
+    "eval.linear.image_size": PATCHES, **each("eval.linear", "out_size epochs batch_size", POSITIVE_INT),
+    **each("eval.linear", "lr lr_gamma", POSITIVE), **each("eval.linear", "lr_step_epoch seed", COUNT),
+    "eval.linear.momentum": BELOW_ONE, "eval.linear.weight_decay": NON_NEGATIVE, "eval.linear.train_aug": FLAG,
+    "eval.linear.coco_fraction": SHARE, "eval.linear.pos_embed_rule": POS_EMBED,
+    "eval.cluster.image_size": PATCHES, "eval.cluster.iters": COUNT, "eval.cluster.pos_embed_rule": POS_EMBED,
+    **each("eval.cluster", "gt_size pca_dim seeds redo max_points_per_centroid batch_size", POSITIVE_INT),
     "eval.cluster.ks": rule("a list of cluster counts (0: the number of classes)",
                             lambda v: isinstance(v, list) and len(v) > 0 and all(map(COUNT[1], v))),
     "eval.spair.split": one_of("test", "val", "trn"), "eval.spair.image_size": POSITIVE_INT,
     "eval.spair.tokens": one_of("last_block", "final_norm"), "eval.spair.cell": one_of("corner", "centre"),
-    "eval.spair.pairs_per_bin": rule(*POSITIVE_INT, optional=True),
+    "eval.spair.pairs_per_bin": rule(*POSITIVE_INT, optional=True), "eval.spair.pos_embed_rule": POS_EMBED,
     "eval.spair.thresholds": rule("a list of numbers > 0", lambda v: isinstance(v, list) and len(v) > 0
                                   and all(map(POSITIVE[1], v))),
-    "eval.pca.n_images": POSITIVE_INT, "eval.pca.foreground_threshold": rule(*BELOW_ONE, optional=True),
+    "eval.pca.image_size": PATCHES, "eval.pca.n_images": POSITIVE_INT, "eval.pca.pos_embed_rule": POS_EMBED,
+    "eval.pca.foreground_threshold": rule(*BELOW_ONE, optional=True),
     "eval.pca.query": rule("'x,y': fractions in [0, 1] of the image's width and height ('0.5,0.5': the centre)",
                            lambda v: isinstance(v, str) and v.count(",") == 1 and all(
                                x.strip().replace(".", "", 1).isdecimal() and float(x) <= 1 for x in v.split(","))),
@@ -540,7 +541,7 @@ def eval_config(config_path, sets, demo):
         if not parse_set(pair)[0].startswith("eval."):
             raise ConfigError(f"--set '{pair}': evaluate.py only takes eval.* keys (e.g. eval.incontext.k=10)")
     cfg = load_config(config_path, sets, "eval.demo" if demo else None)
-    check_rules(cfg, EVAL_RULES)
+    check_rules(cfg, EVAL_RULES, owned=lambda key: key.startswith("eval."))
     subset, ev = cfg["eval"]["incontext"]["subset_file"], cfg["eval"]
     if subset is not None and not Path(subset).expanduser().is_file():
         raise ConfigError(f"config key 'eval.incontext.subset_file' names {subset}, which is not a file: give a "

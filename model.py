@@ -622,7 +622,7 @@ def load_backbone(ckpt, teacher=False):
     sd = None if ckpt.startswith("hub:") else load_checkpoint_file(ckpt)
     trained = isinstance(sd, dict) and isinstance(sd.get("student"), dict) and isinstance(sd.get("config"), dict)
     if teacher and not trained:
-        raise ValueError(f"--teacher needs a train.py checkpoint (with student and teacher); {ckpt} is not one")
+        raise ValueError("it holds no EMA teacher (only a train.py checkpoint, with student and teacher, does)")
     if sd is None:
         backbone, about = build_backbone(ckpt[4:], weights="hub"), {"arch": ckpt[4:], "weights": "official"}
     else:

@@ -3,7 +3,7 @@ NeCo post-training: a student ViT learns to order patches by their similarity to
 its EMA teacher does, through a differentiable sorting network. Re-running a command resumes from <out_dir>/last.pt.
 
     python train.py --config config.yaml                     # the paper's run (COCO train2017, ViT-S/14-reg)
-    python train.py --config config.yaml --demo              # offline demo on synthetic scenes, CPU, ~3 minutes
+    python train.py --config config.yaml --demo              # offline demo on synthetic scenes, CPU, ~1 minute
     torchrun --nproc_per_node=4 train.py --config config.yaml   # several GPUs (DistributedDataParallel)
 """
 import argparse, contextlib, errno, fcntl, functools, json, math, os, signal, socket, sys, tempfile, time
@@ -135,7 +135,7 @@ def make_reference_sampler(ncfg, queue, gen, B):
 
 # -----------------------------------------------------------------------------
 # the networks: student and teacher start from the same backbone weights, each with a projection head on every patch
-# token (model.NeCoModel); the teacher's head is its own random draw, as the public run, and it gets no gradients
+# token (model.NeCoModel); the teacher's head is its own draw as in the public run (or a copy), it gets no gradients
 def build_models(cfg):  # -> (student, teacher); the model section's keys are build_student_teacher's arguments
     return build_student_teacher(**cfg["model"])
 
@@ -363,7 +363,7 @@ class Run:
         self.stop_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         try:
             student, teacher = build_models(cfg)
-        except (ValueError, RuntimeError, TypeError) as e:  # keys that do not match the arch, or the function
+        except (ValueError, RuntimeError) as e:  # checkpoint keys that do not match the arch
             raise ConfigError(f"model: {e}")
         self.student, self.teacher = student.to(self.device).train(), teacher.to(self.device).eval()
         self.optimizer = make_optimizer(student, cfg)
@@ -472,9 +472,8 @@ def train(cfg, demo=False):
             epoch, start = divmod(run.step, len(run.dataset) // o["batch_size"])
             run.dataset.set_epoch(epoch)
             batches = epoch_batches(len(run.dataset), o["batch_size"], epoch, cfg["seed"], start, rank, world)
-            loader = train_loader(run.dataset, batches[:run.stop_step - run.step], cfg["data"]["num_workers"],
-                                  pin_memory=run.device.type == "cuda")
-            for crops, boxes, n_unreadable in loader:
+            for crops, boxes, n_unreadable in train_loader(run.dataset, batches[:run.stop_step - run.step],
+                                                           cfg["data"]["num_workers"], run.device.type == "cuda"):
                 if crops is None:  # READ_ATTEMPTS unreadable files in a row: the folder is gone or holds no images
                     if world == 1:  # (under torchrun the other ranks wait in a collective: no checkpoint there)
                         run.flush_log()
@@ -594,7 +593,7 @@ def each(section, keys, check):  # one rule for several keys of a section
 
 COUNT = rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
 POSITIVE_INT = rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
-PATCHES = rule("a size in pixels >= 8", lambda v: is_int(v) and v >= 8)  # rounded to whole patches later
+PATCHES = rule("a size in pixels >= 8", lambda v: is_int(v) and v >= 8)  # then snapped to the patch
 POSITIVE = rule("a number > 0", lambda v: is_num(v) and v > 0)
 NON_NEGATIVE = rule("a number >= 0", lambda v: is_num(v) and v >= 0)
 FRACTION = rule("a number in [0, 1]", lambda v: is_num(v) and 0 <= v <= 1)
@@ -608,8 +607,9 @@ SHARE = rule("a number in (0, 1]", lambda v: is_num(v) and 0 < v <= 1)
 FLAG = rule("true or false", lambda v: isinstance(v, bool))
 TEXT = rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 DEVICE, POS_EMBED = one_of("auto", "cpu", "cuda"), one_of("dinov2", "neco")
+SORT = ("a value diff_sort takes", lambda v: True)  # checked by diff_sort itself, in validate
 
-# key -> (what its value must be, the check): every key train.py reads (the sort's: diff_sort's own; eval: EVAL_RULES)
+# key -> (what its value must be, the check): every key train.py reads (evaluate.py's eval.*: its EVAL_RULES)
 CONFIG_RULES = {
     "out_dir": TEXT, "seed": COUNT, "model.arch": one_of(*BACKBONE_NAMES), "model.weights": rule(*TEXT, optional=True),
     "model.num_register_tokens": COUNT, "model.drop_path_rate": BELOW_ONE, "model.pos_embed_rule": POS_EMBED,
@@ -618,6 +618,7 @@ CONFIG_RULES = {
     **each("data", "global_scale local_scale", SCALE), **each("data", "n_local num_workers", COUNT),
     "data.augment_on_device": FLAG, "neco.references": one_of("queue", "batch"),
     **each("neco", "roi_size queue_size num_references", POSITIVE_INT), "optim.betas": BELOW_ONE_PAIR,
+    **each("neco", "sort_network sort_distribution sort_art_lambda student_steepness teacher_steepness", SORT),
     **each("optim", "epochs batch_size", POSITIVE_INT), **each("optim", "lr_backbone lr_head", POSITIVE),
     **each("optim", "weight_decay weight_decay_end clip_grad", NON_NEGATIVE),
     **each("optim", "momentum_teacher momentum_teacher_end", FRACTION),
@@ -626,8 +627,10 @@ CONFIG_RULES = {
     **each("train", "compile fused_attention fused_adamw grad_checkpointing", FLAG),
 }
 
-def check_rules(cfg, rules):
-    """Every key of rules is in cfg and holds what its rule asks: one line naming the first that does not."""
+def check_rules(cfg, rules, owned):
+    """Each key of rules is in cfg and holds what its rule asks; each key of cfg that owned(key) claims has a rule."""
+    for key in (k for k, _ in dotted_items(cfg) if owned(k) and k not in rules):  # a misspelt key would be ignored
+        raise ConfigError(f"config key '{key}' is unknown: compare the config file with the repository's config.yaml")
     for key, (what, ok) in rules.items():
         value, parts = cfg, key.split(".")
         for i, part in enumerate(parts):
@@ -640,7 +643,7 @@ def check_rules(cfg, rules):
 
 def validate(cfg, demo=False):
     """Fail in the first second, not after minutes of loading: the rules, then what one key alone cannot say."""
-    check_rules(cfg, CONFIG_RULES)
+    check_rules(cfg, CONFIG_RULES, owned=lambda key: not key.startswith("eval."))
     m, d, n = cfg["model"], cfg["data"], cfg["neco"]
     pick_device(cfg["train"]["device"], "train.device")
     p = patch_size_of(m["arch"])  # the crops snap to whole patches: 518/98 px are 37x37/7x7 at /14, 32x32/6x6 at /16
@@ -677,7 +680,7 @@ def main(argv=None):
     p.add_argument("--config", default="config.yaml", help="the YAML config (default: config.yaml)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set optim.epochs=1 data.root=/data/coco/images/train2017")
-    p.add_argument("--demo", action="store_true", help="offline demo: a tiny backbone on synthetic scenes, CPU, ~3 min")
+    p.add_argument("--demo", action="store_true", help="offline demo: a tiny backbone on synthetic scenes, CPU, ~1 min")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set, "demo" if args.demo else None)

@@ -625,6 +625,7 @@ def test_batched_blur_matches_torchvision():
     expected = torch.stack([TF.gaussian_blur(img, [13, 13], [s, s]) for img, s in zip(x, sigmas)])
     torch.testing.assert_close(got, expected, rtol=0, atol=5e-6)
     assert (got - x).abs().max() > 0.1                              # it did blur
+    assert torch.equal(data.gaussian_blur(x, torch.tensor(sigmas)[:, None]), got)  # sigma (B, 1) as per_crop gives
 
 
 def test_augment_batch_is_the_torchvision_pipeline_per_crop():

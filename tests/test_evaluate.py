@@ -650,7 +650,7 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     named = {"task": "voc_segment", "ckpt": "nope.pt", "corrupt": "bad.pt", "root": "no_voc_here",
              "set_unknown": "eval.incontext.kk", "set_not_eval": "optim.epochs", "set_value": "image_size",
-             "hub_name": "dinov2_vitx14", "teacher_bare": "--teacher", "teacher_hub": "--teacher",
+             "hub_name": "dinov2_vitx14", "teacher_bare": "no EMA teacher", "teacher_hub": "no EMA teacher",
              "protocol": "eval.incontext.protocol",
              "subset_missing": "eval.incontext.subset_file", "subset_unknown": "no_such_image"}[case]
     assert named in err
@@ -1198,3 +1198,16 @@ def test_pca_bad_destination_or_images_refused_before_the_backbone_loads(case, c
     assert not (tmp_path / "vis").exists() and not (tmp_path / "pictures").exists()
     rc, _, err = run_cli(capsys, ["--ckpt", ckpt[0], "--task", "pca", "--images", voc, "--set", "eval.pca.query=3,5"])
     assert "'eval.pca.query'" in one_error_line(rc, err)  # fractions of the side, not patch numbers
+
+
+def test_a_misspelt_eval_key_in_the_config_file_is_refused(tmp_path):
+    import yaml
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["eval"]["incontext"]["temprature"] = 0.05
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(evaluate.ConfigError, match="config key 'eval.incontext.temprature' is unknown"):
+        evaluate.eval_config(tmp_path / "typo.yaml", [], demo=False)
+    cfg["eval"]["incontext"].pop("temprature")
+    cfg["optim"]["lr_backbon"] = 1e-5  # a training key: train.py's to refuse, evaluate.py reads only eval.*
+    (tmp_path / "train_typo.yaml").write_text(yaml.safe_dump(cfg))
+    assert evaluate.eval_config(tmp_path / "train_typo.yaml", [], demo=False)["incontext"]["k"] == 30
