@@ -626,7 +626,7 @@ def run(args):
     root, train_set, val_set = make_datasets(family, dataset, ev, s, args.data_root, args.demo)
     try:  # (model.load_backbone: a hub name, a train.py checkpoint, or a bare state_dict)
         backbone, about = model.load_backbone(args.ckpt, args.teacher)
-    except (ValueError, RuntimeError, KeyError) as e:
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:  # not a backbone, or malformed
         raise UserError(f"checkpoint {args.ckpt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if family != "spair":  # (SPair pads its images to whole patches instead)
         s["image_size"] = model.round_to_patch(s["image_size"], backbone.patch_size)  # 504 (36x36 at /14) -> 512 at /16

@@ -607,9 +607,9 @@ def test_each_family_applies_its_pos_embed_rule(task, rule, ckpt, voc, tmp_path,
 # errors: one line on stderr, exit status 2
 
 
-@pytest.mark.parametrize("case", ["task", "ckpt", "corrupt", "root", "set_unknown", "set_not_eval", "set_value",
-                                  "hub_name", "teacher_bare", "teacher_hub", "protocol", "subset_missing",
-                                  "subset_unknown"])
+@pytest.mark.parametrize("case", ["task", "ckpt", "corrupt", "int_keys", "config_text", "root", "set_unknown",
+                                  "set_not_eval", "set_value", "hub_name", "teacher_bare", "teacher_hub", "protocol",
+                                  "subset_missing", "subset_unknown"])
 def test_user_errors(case, ckpt, voc, tmp_path, capsys):
     args = {"--ckpt": ckpt[0], "--task": "voc_incontext", "--data-root": voc}
     sets = []
@@ -620,6 +620,14 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
     elif case == "corrupt":
         (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
         args["--ckpt"] = tmp_path / "bad.pt"
+    elif case == "int_keys":  # a dict of tensors, but not a state_dict
+        torch.save({0: torch.zeros(1)}, tmp_path / "int_keys.pt")
+        args["--ckpt"] = tmp_path / "int_keys.pt"
+    elif case == "config_text":  # a train.py checkpoint whose config is not a mapping
+        raw = torch.load(ckpt[0], weights_only=True)
+        raw["config"] = {"model": "vit_tiny14_reg"}
+        torch.save(raw, tmp_path / "config_text.pt")
+        args["--ckpt"] = tmp_path / "config_text.pt"
     elif case == "root":
         args["--data-root"] = tmp_path / "no_voc_here"
     elif case == "set_unknown":
@@ -648,7 +656,8 @@ def test_user_errors(case, ckpt, voc, tmp_path, capsys):
     rc, _, err = run_cli(capsys, argv)
     assert rc == 2
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
-    named = {"task": "voc_segment", "ckpt": "nope.pt", "corrupt": "bad.pt", "root": "no_voc_here",
+    named = {"task": "voc_segment", "ckpt": "nope.pt", "corrupt": "bad.pt", "int_keys": "int_keys.pt",
+             "config_text": "config_text.pt", "root": "no_voc_here",
              "set_unknown": "eval.incontext.kk", "set_not_eval": "optim.epochs", "set_value": "image_size",
              "hub_name": "dinov2_vitx14", "teacher_bare": "no EMA teacher", "teacher_hub": "no EMA teacher",
              "protocol": "eval.incontext.protocol",
