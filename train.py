@@ -511,8 +511,9 @@ def train(cfg, demo=False):
             if f is not None:
                 f.close()
     if run.is_main:
-        first, last = (sum(x) / len(x) for x in (run.losses[:5] or [0], run.losses[-5:] or [0]))
-        ran = f"loss {first:.4f} -> {last:.4f} (first/last 5 steps of this process)" if run.losses else "no step to run"
+        head, tail = run.losses[:5], run.losses[-5:]
+        ran = (f"loss {sum(head) / len(head):.4f} -> {sum(tail) / len(tail):.4f} (first/last 5 steps of this process)"
+               if head else "no step to run")
         print(f"done: step {run.step}/{run.total_steps}, {ran}, {run.elapsed_s / 60:.1f} min, {run.skipped_images} "
               f"unreadable images replaced, {run.bad_steps} steps skipped; checkpoint {run.ckpt_path}")
     if world > 1:
